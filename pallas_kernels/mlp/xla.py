@@ -1,0 +1,51 @@
+"""Portable XLA implementation of the column-sparse MLP delta: per token block, gather the selected rows of
+w1 and w2 and walk them in neuron chunks, stopping at the block's count (so cost follows the selection)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_CHUNK = 512
+
+
+@functools.partial(jax.jit, static_argnames=("block",))
+def sparse_mlp_delta_xla(x, w1, b1, w2, indices, counts, act, out, *, block: int = 128):
+    """Same contract as ``sparse_mlp_delta_reference``; f32 accumulation."""
+    b, n, c = x.shape
+    f = w1.shape[0]
+    g = n // block
+    kcap = indices.shape[-1]
+    chunk = min(_CHUNK, kcap)
+    padk = -(-kcap // chunk) * chunk
+    idx = jnp.pad(jnp.clip(indices, 0, f - 1), ((0, 0), (0, 0), (0, padk - kcap)))
+
+    xg = x.reshape(b, g, block, c)
+    ag = act.reshape(b, g, block, f)
+    og = out.reshape(b, g, block, c)
+
+    def one_block(xb, ab, ob, ib, cb):
+        # xb [block, C], ab [block, F], ob [block, C], ib [padK], cb []
+        trips = (cb + chunk - 1) // chunk
+
+        def body(carry):
+            i, acc, ab_new = carry
+            ii = jax.lax.dynamic_slice_in_dim(ib, i * chunk, chunk)
+            valid = (i * chunk + jnp.arange(chunk)) < cb
+            z = jnp.einsum("mc,kc->mk", xb, w1[ii], preferred_element_type=jnp.float32)
+            z = z + b1[ii].astype(jnp.float32)[None, :]
+            p = jax.nn.gelu(z, approximate=True) - ab[:, ii].astype(jnp.float32)
+            p = jnp.where(valid[None, :], p, 0.0)
+            acc = acc + jnp.einsum("mk,kc->mc", p.astype(w2.dtype), w2[ii], preferred_element_type=jnp.float32)
+            ab_new = ab_new.at[:, ii].add(p.astype(ab_new.dtype))
+            return i + 1, acc, ab_new
+
+        init = (jnp.int32(0), ob.astype(jnp.float32), ab)
+        _, acc, ab_new = jax.lax.while_loop(lambda cr: cr[0] < trips, body, init)
+        return acc.astype(out.dtype), ab_new
+
+    fn = jax.vmap(jax.vmap(one_block))
+    new_o, new_a = fn(xg, ag, og, idx, counts)
+    return new_o.reshape(b, n, c), new_a.reshape(b, n, f)
