@@ -9,7 +9,7 @@ from chipmunk_jax import indices as ix
 from chipmunk_jax.backends import resolve_backend
 from chipmunk_jax.cache import AttentionCache
 from chipmunk_jax.config import AttnConfig, ChipmunkConfig
-from chipmunk_jax.schedules import AttnKind
+from chipmunk_jax.schedules import AttnKind, _kind
 from pallas_kernels import attention as ops
 
 
@@ -21,9 +21,11 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = 
     """Plain dense attention on [B, H, N, D] (cuDNN/XLA through jax.nn.dot_product_attention for 'xla')."""
     backend = resolve_backend(backend)
     if backend == "xla":
-        o = jax.nn.dot_product_attention(
-            jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-        )  # [B, N, H, D]
+        # jax.nn.dot_product_attention mixes bf16 and f32 internally, which strict promotion rejects.
+        with jax.numpy_dtype_promotion("standard"):
+            o = jax.nn.dot_product_attention(
+                jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+            )  # [B, N, H, D]
         return jnp.swapaxes(o, 1, 2)
     return ops.dense_attention(q, k, v, implementation=backend)[0]
 
@@ -72,7 +74,7 @@ def sparse_attention(
       returns C + A_S(q, k, v) with C = o - A_S from the last full step.
     """
     cfg = _attn_cfg(config)
-    kind = AttnKind(kind)
+    kind = _kind(AttnKind, kind)
     impl = resolve_backend(backend)
     if kind is AttnKind.DENSE:
         return dense_attention(q, k, v, backend=impl), cache

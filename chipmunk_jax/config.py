@@ -262,6 +262,14 @@ def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
     return ConfigError(f"unknown key {key!r} in {where}{hint} (valid keys: {', '.join(sorted(valid))})")
 
 
+def _offloading_key(field: str) -> str:
+    """The reference's spelling of an offloading field: 'attn.out_cache', but 'text_encoders' as it is."""
+    for prefix in ("attn_", "mlp_"):
+        if field.startswith(prefix):
+            return prefix[:-1] + "." + field[len(prefix) :]
+    return field
+
+
 def _section(cls: type, base: Any, values: Any, where: str) -> Any:
     if values is None:
         return base
@@ -272,10 +280,13 @@ def _section(cls: type, base: Any, values: Any, where: str) -> Any:
     for key, val in values.items():
         name = str(key).replace(".", "_") if cls is OffloadingConfig else str(key)
         if name not in valid:
-            shown = valid if cls is not OffloadingConfig else [v.replace("_", ".", 1) for v in valid]
+            shown = valid if cls is not OffloadingConfig else [_offloading_key(v) for v in valid]
             raise _unknown(str(key), shown, where)
         updates[name] = val
-    return dataclasses.replace(base, **updates)
+    try:
+        return dataclasses.replace(base, **updates)
+    except TypeError as e:  # a value of the wrong type, met by a range check in __post_init__
+        raise ConfigError(f"in section {where!r}: {e}") from e
 
 
 def config_from_dict(data: Mapping[str, Any] | None, base: ChipmunkConfig | None = None) -> ChipmunkConfig:

@@ -9,7 +9,7 @@ from chipmunk_jax import indices as ix
 from chipmunk_jax.backends import resolve_backend
 from chipmunk_jax.cache import MLPCache
 from chipmunk_jax.config import ChipmunkConfig, MLPConfig
-from chipmunk_jax.schedules import MLPKind
+from chipmunk_jax.schedules import MLPKind, _kind
 from pallas_kernels import mlp as ops
 from pallas_kernels.common import slot_mask
 
@@ -50,7 +50,7 @@ def sparse_mlp(
       output cache after adding the delta of the selected neurons.
     """
     cfg = config.mlp if isinstance(config, ChipmunkConfig) else config
-    kind = MLPKind(kind)
+    kind = _kind(MLPKind, kind)
     if kind is MLPKind.DENSE:
         return dense_mlp(x, w1, b1, w2, b2).astype(x.dtype), cache
     impl = resolve_backend(backend, "sparse_mlp_delta")

@@ -34,6 +34,15 @@ class MLPKind(enum.Enum):
     SPARSE_REUSE = "sparse_reuse"  # reuse the previous step's neurons
 
 
+def _kind(enum_cls, kind):
+    """Coerces a kind (enum member or its value) and names the valid ones otherwise."""
+    try:
+        return enum_cls(kind)
+    except ValueError:
+        valid = ", ".join(k.value for k in enum_cls)
+        raise ValueError(f"unknown {enum_cls.__name__} step kind {kind!r}; valid kinds: {valid}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
     """The static kind of one denoising step: one entry per layer, and whether the step is skipped."""

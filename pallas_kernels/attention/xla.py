@@ -113,13 +113,17 @@ def _masked_softmax_av(s, valid, vs):
     return o / jnp.where(denom > 0, denom, 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("group",))
-def sparse_attention_xla(q, k, v, indices, counts, *, group: int = 192):
+@functools.partial(jax.jit, static_argnames=("group", "one_shot_max_k", "kv_chunk"))
+def sparse_attention_xla(
+    q, k, v, indices, counts, *, group: int = 192, one_shot_max_k: int = _ONE_SHOT_MAX_K, kv_chunk: int = _KV_CHUNK
+):
     """Column-sparse attention A_S (SPEC §1.4) by per-group gathers.
 
     Args:
       q: [B, H, N, D]; k, v: [B, H, Nk, D].
       indices: [B, H, G, K] int32, G = ceil(N / group); counts: [B, H, G] int32.
+      one_shot_max_k: capacities K up to this are gathered at once; larger ones are walked in chunks.
+      kv_chunk: keys per chunk of the walk.
 
     Returns:
       [B, H, N, D] in q.dtype.
@@ -131,7 +135,7 @@ def sparse_attention_xla(q, k, v, indices, counts, *, group: int = 192):
     ig = jnp.moveaxis(jnp.clip(indices, 0, k.shape[2] - 1), 2, 0)  # [G, B, H, K]
     cg = jnp.moveaxis(counts, 2, 0)  # [G, B, H]
 
-    if kcap <= _ONE_SHOT_MAX_K:
+    if kcap <= one_shot_max_k:
 
         def one_group(args):
             qc, ic, cc = args
@@ -142,7 +146,7 @@ def sparse_attention_xla(q, k, v, indices, counts, *, group: int = 192):
 
         bs = _batch_size(b, h, group, kcap)
     else:
-        chunk = _KV_CHUNK
+        chunk = kv_chunk
         padk = -(-kcap // chunk) * chunk
         ig = jnp.pad(ig, ((0, 0), (0, 0), (0, 0), (0, padk - kcap)))
 

@@ -11,14 +11,14 @@ import jax.numpy as jnp
 _CHUNK = 512
 
 
-@functools.partial(jax.jit, static_argnames=("block",))
-def sparse_mlp_delta_xla(x, w1, b1, w2, indices, counts, act, out, *, block: int = 128):
-    """Same contract as ``sparse_mlp_delta_reference``; f32 accumulation."""
+@functools.partial(jax.jit, static_argnames=("block", "chunk"))
+def sparse_mlp_delta_xla(x, w1, b1, w2, indices, counts, act, out, *, block: int = 128, chunk: int = _CHUNK):
+    """Same contract as ``sparse_mlp_delta_reference``; f32 accumulation; ``chunk`` neurons per loop trip."""
     b, n, c = x.shape
     f = w1.shape[0]
     g = n // block
     kcap = indices.shape[-1]
-    chunk = min(_CHUNK, kcap)
+    chunk = min(chunk, kcap)
     padk = -(-kcap // chunk) * chunk
     idx = jnp.pad(jnp.clip(indices, 0, f - 1), ((0, 0), (0, 0), (0, padk - kcap)))
 
