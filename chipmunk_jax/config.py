@@ -78,9 +78,7 @@ class AttnConfig:
     mbm: int = 192
 
     def __post_init__(self):
-        object.__setattr__(
-            self, "full_step_schedule", _as_int_set(self.full_step_schedule, "attn.full_step_schedule")
-        )
+        object.__setattr__(self, "full_step_schedule", _as_int_set(self.full_step_schedule, "attn.full_step_schedule"))
         _check(0.0 < self.top_keys <= 1.0, f"attn.top_keys must be in (0, 1], got {self.top_keys}")
         _check(0.0 <= self.random_keys <= 1.0, f"attn.random_keys must be in [0, 1], got {self.random_keys}")
         _check(self.local_voxels >= 0, f"attn.local_voxels must be >= 0, got {self.local_voxels}")

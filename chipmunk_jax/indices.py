@@ -186,7 +186,7 @@ def static_video_mask(
     if cfg.random_keys > 0:
         if rng is None:
             raise ValueError("static_video_mask needs rng when cfg.random_keys > 0")
-        rand = np.asarray(jax.random.uniform(rng, (num_heads, g, n)) < cfg.random_keys)
+        rand = np.array(jax.random.uniform(rng, (num_heads, g, n)) < cfg.random_keys)  # writable copy
         rand[:, g - n_text_groups :, :] = False
         mask |= rand
     static_count = mask.sum(-1)

@@ -64,7 +64,10 @@ def sparse_mlp(
     xp = jnp.pad(x, ((0, 0), (0, n_p - n), (0, 0)))
 
     if kind is MLPKind.FULL:
-        z = jnp.einsum("bnc,fc->bnf", xp, w1, preferred_element_type=jnp.float32) + b1.astype(jnp.float32)[None, None, :]
+        z = (
+            jnp.einsum("bnc,fc->bnf", xp, w1, preferred_element_type=jnp.float32)
+            + b1.astype(jnp.float32)[None, None, :]
+        )
         a = jax.nn.gelu(z, approximate=True)
         y = jnp.einsum("bnf,fc->bnc", a.astype(w2.dtype), w2, preferred_element_type=jnp.float32)
         y = y + b2.astype(jnp.float32)[None, None, :]
@@ -84,9 +87,7 @@ def sparse_mlp(
             raise ValueError("a SPARSE_RECOMPUTE MLP step with random_keys > 0 needs rng")
         indices, counts = ix.mlp_select(score, cfg, rng)
         member = _members(indices, counts, f)
-        cache = cache.replace(
-            block_mean=jnp.where(member, zhat, cache.block_mean), indices=indices, counts=counts
-        )
+        cache = cache.replace(block_mean=jnp.where(member, zhat, cache.block_mean), indices=indices, counts=counts)
 
     out, act = ops.sparse_mlp_delta(
         xp, w1, b1, w2, cache.indices, cache.counts, cache.act, cache.out, block=cfg.bm, implementation=impl

@@ -28,7 +28,8 @@ def patchify_permutation(h: int, w: int, c1: int = 8, c2: int = 4) -> np.ndarray
     """
     if c1 % c2 or h % c1 or w % c1 or h % c2 or w % c2:
         raise ValueError(
-            f"patchify needs h and w divisible by chunk sizes and chunk_size_2 | chunk_size_1; got {h=}, {w=}, {c1=}, {c2=}"
+            "patchify needs h and w divisible by both chunk sizes and chunk_size_2 dividing chunk_size_1; "
+            f"got {h=}, {w=}, {c1=}, {c2=}"
         )
     r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     big = (r // c1) * (w // c1) + (c // c1)

@@ -126,9 +126,7 @@ def step_kinds(config: ChipmunkConfig, num_steps: int, num_layers: int) -> Sched
     plans = []
     for t in range(num_steps):
         if step_is_skipped(config, t):
-            plans.append(
-                StepPlan(True, (AttnKind.DENSE,) * num_layers, (MLPKind.DENSE,) * num_layers)
-            )
+            plans.append(StepPlan(True, (AttnKind.DENSE,) * num_layers, (MLPKind.DENSE,) * num_layers))
             continue
         attn = tuple(attn_kind(config, t, layer) for layer in range(num_layers))
         mlp = []

@@ -65,16 +65,12 @@ def _np_colsum(s, prev_lse, group):
 def test_all_selected_equals_dense_over_a_run(backend, compress):
     """(a) With every key selected, every step kind equals dense attention, with inputs changing each step."""
     n = 200  # not a multiple of the 64-row group (a partial last group); 40 * round(200 / 40) = 200 keys
-    cfg = cj.AttnConfig(
-        top_keys=1.0, counts_multiple_of=40, mbm=64, should_compress_indices=compress, random_keys=0.0
-    )
+    cfg = cj.AttnConfig(top_keys=1.0, counts_multiple_of=40, mbm=64, should_compress_indices=compress, random_keys=0.0)
     cache = cj.init_attention_cache(cfg, batch=B, heads=H, seq_len=n, head_dim=D, dtype=jnp.float32)
     kinds = [K.WARMUP, K.MASK, K.SPARSE, K.SPARSE, K.FULL, K.SPARSE, K.MASK, K.SPARSE, K.DENSE]
     for t, kind in enumerate(kinds):
         q, k, v = _qkv(100 + t, n, scale=1.5)
-        out, cache = cj.sparse_attention(
-            q, k, v, cache, kind=kind, config=cfg, backend=backend, rng=jax.random.key(t)
-        )
+        out, cache = cj.sparse_attention(q, k, v, cache, kind=kind, config=cfg, backend=backend, rng=jax.random.key(t))
         want, _, _ = _np_dense(q, k, v)
         np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=1e-5, err_msg=f"step {t} {kind}")
 
@@ -183,7 +179,9 @@ def test_cache_structure_is_the_same_for_every_kind():
         cache = cache0
         for t, kind in enumerate([K.WARMUP, K.MASK, K.SPARSE, K.FULL, K.DENSE]):
             q, k, v = (a.astype(jnp.bfloat16) for a in _qkv(t, n, b=1, h=2, d=8))
-            out, cache = cj.sparse_attention(q, k, v, cache, kind=kind, config=cfg, backend="xla", rng=jax.random.key(0))
+            out, cache = cj.sparse_attention(
+                q, k, v, cache, kind=kind, config=cfg, backend="xla", rng=jax.random.key(0)
+            )
             assert out.dtype == jnp.bfloat16 and out.shape == q.shape
             chex.assert_trees_all_equal_shapes_and_dtypes(cache, cache0)
 
@@ -218,7 +216,9 @@ def test_reference_and_xla_backends_agree(compress):
         res = []
         for t, kind in enumerate([K.WARMUP, K.MASK, K.SPARSE, K.SPARSE]):
             q, k, v = _qkv(200 + t, n)
-            o, cache = cj.sparse_attention(q, k, v, cache, kind=kind, config=cfg, backend=backend, rng=jax.random.key(3))
+            o, cache = cj.sparse_attention(
+                q, k, v, cache, kind=kind, config=cfg, backend=backend, rng=jax.random.key(3)
+            )
             res.append(np.asarray(o))
         outs[backend] = res
     for a, b in zip(outs["reference"], outs["xla"], strict=True):

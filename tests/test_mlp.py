@@ -201,6 +201,4 @@ def test_mlp_bad_inputs_raise():
     from pallas_kernels.mlp import api
 
     with pytest.raises(ValueError, match="multiple of block"):
-        api.sparse_mlp_delta(
-            x[:, :30], w1, b1, w2, cache.indices, cache.counts, cache.act, cache.out, block=16
-        )
+        api.sparse_mlp_delta(x[:, :30], w1, b1, w2, cache.indices, cache.counts, cache.act, cache.out, block=16)

@@ -21,7 +21,9 @@ def _check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
         raise ValueError(f"q, k, v shapes disagree: {q.shape=}, {k.shape=}, {v.shape=}")
 
 
-registry.register("dense_attention", "reference", lambda q, k, v, *, group: reference.dense_attention_reference(q, k, v))
+registry.register(
+    "dense_attention", "reference", lambda q, k, v, *, group: reference.dense_attention_reference(q, k, v)
+)
 registry.register("dense_attention", "xla", xla.dense_attention_xla)
 registry.register("dense_attention_colsum", "reference", reference.dense_attention_colsum_reference)
 registry.register("dense_attention_colsum", "xla", xla.dense_attention_colsum_xla)

@@ -14,9 +14,7 @@ from pallas_kernels.common import slot_mask
 
 def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
     d = q.shape[-1]
-    return jnp.einsum("bhqd,bhkd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) / jnp.sqrt(
-        jnp.float32(d)
-    )
+    return jnp.einsum("bhqd,bhkd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(d))
 
 
 def dense_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -23,10 +23,12 @@ def sparse_mlp_delta(x, w1, b1, w2, indices, counts, act, out, *, block: int = 1
     if w1.shape != (f, c) or w2.shape != (f, c) or b1.shape != (f,):
         raise ValueError(f"need w1 [F, C], b1 [F], w2 [F, C] with C={c}; got {w1.shape=}, {b1.shape=}, {w2.shape=}")
     if indices.ndim != 3 or indices.shape[:2] != (b, g) or counts.shape != (b, g):
-        raise ValueError(f"need indices [B, G, K] and counts [B, G] with (B, G)={(b, g)}; got {indices.shape=}, {counts.shape=}")
+        raise ValueError(
+            f"need indices [B, G, K] and counts [B, G] with (B, G)={(b, g)}; got {indices.shape=}, {counts.shape=}"
+        )
     if act.shape != (b, n, f) or out.shape != (b, n, c):
-        raise ValueError(f"need act [B, N, F]={(b, n, f)} and out [B, N, C]={(b, n, c)}; got {act.shape=}, {out.shape=}")
+        raise ValueError(
+            f"need act [B, N, F]={(b, n, f)} and out [B, N, C]={(b, n, c)}; got {act.shape=}, {out.shape=}"
+        )
     registry.load_optional_backends()
-    return registry.get("sparse_mlp_delta", implementation)(
-        x, w1, b1, w2, indices, counts, act, out, block=block
-    )
+    return registry.get("sparse_mlp_delta", implementation)(x, w1, b1, w2, indices, counts, act, out, block=block)

@@ -8,7 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-_CHUNK = 512
+_CHUNK = 256  # = the default counts_multiple_of, so a selection fills whole chunks
 
 
 @functools.partial(jax.jit, static_argnames=("block", "chunk"))
@@ -23,23 +23,25 @@ def sparse_mlp_delta_xla(x, w1, b1, w2, indices, counts, act, out, *, block: int
     idx = jnp.pad(jnp.clip(indices, 0, f - 1), ((0, 0), (0, 0), (0, padk - kcap)))
 
     xg = x.reshape(b, g, block, c)
-    ag = act.reshape(b, g, block, f)
+    # Neuron-major activations per block ([F, block]): a neuron selection then moves whole rows, which XLA
+    # gathers and scatters far faster than single elements.
+    at = jnp.swapaxes(act.reshape(b, g, block, f), 2, 3)  # [B, G, F, block]
     og = out.reshape(b, g, block, c)
 
     def one_block(xb, ab, ob, ib, cb):
-        # xb [block, C], ab [block, F], ob [block, C], ib [padK], cb []
+        # xb [block, C], ab [F, block], ob [block, C], ib [padK], cb []
         trips = (cb + chunk - 1) // chunk
 
         def body(carry):
             i, acc, ab_new = carry
             ii = jax.lax.dynamic_slice_in_dim(ib, i * chunk, chunk)
             valid = (i * chunk + jnp.arange(chunk)) < cb
-            z = jnp.einsum("mc,kc->mk", xb, w1[ii], preferred_element_type=jnp.float32)
-            z = z + b1[ii].astype(jnp.float32)[None, :]
-            p = jax.nn.gelu(z, approximate=True) - ab[:, ii].astype(jnp.float32)
-            p = jnp.where(valid[None, :], p, 0.0)
-            acc = acc + jnp.einsum("mk,kc->mc", p.astype(w2.dtype), w2[ii], preferred_element_type=jnp.float32)
-            ab_new = ab_new.at[:, ii].add(p.astype(ab_new.dtype))
+            z = jnp.einsum("kc,mc->km", w1[ii], xb, preferred_element_type=jnp.float32)
+            z = z + b1[ii].astype(jnp.float32)[:, None]
+            p = jax.nn.gelu(z, approximate=True) - ab[ii].astype(jnp.float32)  # [chunk, block]
+            p = jnp.where(valid[:, None], p, 0.0)
+            acc = acc + jnp.einsum("km,kc->mc", p.astype(w2.dtype), w2[ii], preferred_element_type=jnp.float32)
+            ab_new = ab_new.at[ii].add(p.astype(ab_new.dtype))
             return i + 1, acc, ab_new
 
         init = (jnp.int32(0), ob.astype(jnp.float32), ab)
@@ -47,5 +49,5 @@ def sparse_mlp_delta_xla(x, w1, b1, w2, indices, counts, act, out, *, block: int
         return acc.astype(out.dtype), ab_new
 
     fn = jax.vmap(jax.vmap(one_block))
-    new_o, new_a = fn(xg, ag, og, idx, counts)
-    return new_o.reshape(b, n, c), new_a.reshape(b, n, f)
+    new_o, new_at = fn(xg, at, og, idx, counts)
+    return new_o.reshape(b, n, c), jnp.swapaxes(new_at, 2, 3).reshape(b, n, f)
