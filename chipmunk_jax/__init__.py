@@ -13,6 +13,7 @@ from chipmunk_jax.cache import (
     init_attention_cache,
     init_mlp_cache,
     mlp_cache_nbytes,
+    model_cache_nbytes,
 )
 from chipmunk_jax.config import (
     AttnConfig,
@@ -63,6 +64,7 @@ __all__ = [
     "layer_rng",
     "load_config",
     "mlp_cache_nbytes",
+    "model_cache_nbytes",
     "patchify",
     "patchify_permutation",
     "preset",

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from chipmunk_jax import indices as ix
-from chipmunk_jax.config import AttnConfig, MLPConfig
+from chipmunk_jax.config import AttnConfig, ChipmunkConfig, MLPConfig
 
 
 @flax.struct.dataclass
@@ -126,3 +126,50 @@ def attention_cache_nbytes(cfg: AttnConfig, **kwargs) -> int:
 def mlp_cache_nbytes(cfg: MLPConfig, **kwargs) -> int:
     """Bytes of ``init_mlp_cache(cfg, **kwargs)`` without allocating it."""
     return cache_nbytes(jax.eval_shape(lambda: init_mlp_cache(cfg, **kwargs)))
+
+
+def model_cache_nbytes(
+    config: ChipmunkConfig,
+    *,
+    num_layers: int,
+    batch: int,
+    seq_len: int,
+    heads: int,
+    head_dim: int,
+    width: int | None = None,
+    hidden: int | None = None,
+    mlp_seq_len: int | None = None,
+    dtype=jnp.bfloat16,
+) -> dict[str, int]:
+    """Chipmunk cache bytes of a whole model: only sparsified layers (index >= first_n_dense_layers) keep caches.
+
+    Args:
+      config: the Chipmunk config (attention and MLP enabled flags and dense-layer counts are honoured).
+      num_layers: sparsifiable layers of the model (e.g. 57 for FLUX.1: 19 double + 38 single blocks).
+      batch: batch including CFG branches.
+      seq_len: attention sequence length (text + image/video tokens).
+      heads, head_dim: attention heads and head size.
+      width, hidden: MLP width C and hidden size F (needed when the MLP is enabled).
+      mlp_seq_len: tokens through the sparse MLP (defaults to seq_len).
+      dtype: dtype of the output/activation caches.
+
+    Returns:
+      {'attention': bytes, 'mlp': bytes, 'total': bytes}.
+    """
+    sizes = {"attention": 0, "mlp": 0}
+    if config.attn.is_enabled:
+        n = max(0, num_layers - config.attn.first_n_dense_layers)
+        per = attention_cache_nbytes(
+            config.attn, batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, dtype=dtype
+        )
+        sizes["attention"] = n * per
+    if config.mlp.is_enabled:
+        if width is None or hidden is None:
+            raise ValueError("model_cache_nbytes needs width and hidden when the MLP is sparsified")
+        n = max(0, num_layers - config.mlp.first_n_dense_layers)
+        per = mlp_cache_nbytes(
+            config.mlp, batch=batch, seq_len=mlp_seq_len or seq_len, width=width, hidden=hidden, dtype=dtype
+        )
+        sizes["mlp"] = n * per
+    sizes["total"] = sizes["attention"] + sizes["mlp"]
+    return sizes

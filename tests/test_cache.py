@@ -46,3 +46,29 @@ def test_flux_full_size_cache_memory_per_layer():
     cfg = cj.preset("flux")
     attn = cj.attention_cache_nbytes(cfg.attn, batch=1, heads=24, seq_len=4352, head_dim=128, dtype=jnp.bfloat16)
     assert 26e6 < attn < 30e6
+
+
+def test_hunyuan_cache_sizes_match_the_reference_figures():
+    """SPEC §5: HunyuanVideo 720p 129f (N ~ 119k) has ~0.73 GB of attention out-cache and ~0.22 GB of bit-packed
+    masks per layer (bf16, batch 1); 58 sparsified layers of 60 give ~43 GB of out-cache."""
+    cfg = cj.preset("hunyuan")
+    n = 33 * 45 * 80 + 256  # video tokens of 129 frames at 720x1280 after the VAE and 1x2x2 patches, + text
+    per = cj.attention_cache_nbytes(cfg.attn, batch=1, heads=24, seq_len=n, head_dim=128)
+    out_bytes = 24 * n * 128 * 2
+    mask_bytes = 24 * (-(-n // 192)) * (-(-n // 32)) * 4
+    assert per == out_bytes + mask_bytes + 24 * n * 4  # + the float32 normaliser
+    assert abs(out_bytes / 1e9 - 0.73) < 0.01 and abs(mask_bytes / 1e9 - 0.22) < 0.01
+    total = cj.model_cache_nbytes(cfg, num_layers=60, batch=1, seq_len=n, heads=24, head_dim=128)
+    assert total["mlp"] == 0 and total["attention"] == 58 * per
+    assert 42e9 < 58 * out_bytes < 44e9
+
+
+def test_model_cache_nbytes_counts_only_sparsified_layers_and_needs_mlp_sizes():
+    cfg = cj.preset("flux")
+    kw = dict(num_layers=57, batch=1, seq_len=4352, heads=24, head_dim=128)
+    with pytest.raises(ValueError, match="width and hidden"):
+        cj.model_cache_nbytes(cfg, **kw)
+    sizes = cj.model_cache_nbytes(cfg, width=3072, hidden=12288, **kw)
+    attn = cj.attention_cache_nbytes(cfg.attn, batch=1, heads=24, seq_len=4352, head_dim=128)
+    mlp = cj.mlp_cache_nbytes(cfg.mlp, batch=1, seq_len=4352, width=3072, hidden=12288)
+    assert sizes == {"attention": 55 * attn, "mlp": 55 * mlp, "total": 55 * (attn + mlp)}
