@@ -298,6 +298,8 @@ def config_from_dict(data: Mapping[str, Any] | None, base: ChipmunkConfig | None
         if key in _SECTIONS:
             updates[key] = _section(_SECTIONS[key], getattr(base, key), val, key)
         elif key in _IGNORED_SECTIONS:
+            if val is not None and not isinstance(val, Mapping):
+                raise ConfigError(f"section {key!r} must be a mapping, got {type(val).__name__}")
             val = dict(val or {})
             UnsupportedFeatureConfig(is_enabled=bool(val.pop("is_enabled", False)))
         elif key in top_valid:
