@@ -43,7 +43,7 @@ def dense_attention_colsum_reference(
     p_prev = jnp.exp(_scores(q, k) - prev_lse[..., None].astype(jnp.float32))  # [B, H, N, N]
     g = -(-n // group)
     p_prev = jnp.pad(p_prev, ((0, 0), (0, 0), (0, g * group - n), (0, 0)))  # padded rows add nothing
-    cs = p_prev.reshape(b, h, g, group, n).sum(axis=3)
+    cs = p_prev.reshape(b, h, g, group, k.shape[2]).sum(axis=3)
     return o, lse, cs
 
 

@@ -1,0 +1,323 @@
+"""Shared machinery of the weight converters: reading safetensors into numpy, explicit key tables with named
+transforms, a strict mapping engine, and atomic orbax checkpoint + manifest writing.
+
+A converter is a table of ``Rule``s. Each rule names its source keys (patterns with ``{i}`` for a layer index),
+its target parameter paths, and a named transform from ``TRANSFORMS``-style dictionaries. ``apply_rules``
+refuses to produce a checkpoint when any source key is left unused, any target parameter (or layer of a stacked
+parameter) is left unassigned, or any transformed tensor has the wrong shape; the error lists all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+MANIFEST = "manifest.json"
+PARAMS_DIR = "params"
+FORMAT_VERSION = 1
+
+DTYPES = {"bf16": ml_dtypes.bfloat16, "bfloat16": ml_dtypes.bfloat16, "fp16": np.float16, "float16": np.float16}
+DTYPES.update({"fp32": np.float32, "float32": np.float32})
+
+# safetensors dtype tags that numpy cannot represent natively; read from the raw buffer instead.
+_RAW_DTYPES = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+
+
+class ConversionError(ValueError):
+    """A conversion that cannot be done faithfully; the message lists every offending key."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading sources.
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+class SafetensorsSource:
+    """Lazy read access to the tensors of one or more safetensors files, as numpy arrays."""
+
+    def __init__(self, files: Sequence[Path], strip_prefix: str = ""):
+        self.files = [Path(f) for f in files]
+        self._where: dict[str, tuple[Path, str]] = {}
+        self._headers: dict[Path, tuple[dict, int]] = {}
+        for f in self.files:
+            header, base = self._headers[f] = _header(f)
+            for raw in header:
+                key = raw.removeprefix(strip_prefix)
+                if key in self._where:
+                    raise ConversionError(f"tensor {key!r} appears in both {self._where[key][0]} and {f}")
+                self._where[key] = (f, raw)
+
+    def keys(self) -> list[str]:
+        return sorted(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        f, raw = self._where[key]
+        return tuple(self._headers[f][0][raw]["shape"])
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str) -> np.ndarray:
+        """The tensor as a numpy array (bf16 / fp8 through ml_dtypes, read from the file's raw bytes)."""
+        f, raw = self._where[key]
+        header, base = self._headers[f]
+        info = header[raw]
+        if info["dtype"] in _RAW_DTYPES:
+            start, end = info["data_offsets"]
+            dt = np.dtype(_RAW_DTYPES[info["dtype"]])
+            data = np.fromfile(f, dtype=np.uint8, count=end - start, offset=base + start)
+            return data.view(dt).reshape(info["shape"])
+        with safe_open(str(f), framework="np") as sf:
+            return sf.get_tensor(raw)
+
+
+def find_source_files(src: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint: one file, a directory with an ``*.index.json``, or a directory
+    (optionally with a ``transformer/`` subfolder, as a diffusers pipeline) holding safetensors files."""
+    src = Path(src)
+    if not src.exists():
+        raise ConversionError(f"source {src} does not exist")
+    if src.is_file():
+        if src.suffix != ".safetensors":
+            raise ConversionError(f"{src}: only .safetensors checkpoints are supported")
+        return [src]
+    if (src / "transformer").is_dir() and not list(src.glob("*.safetensors")):
+        src = src / "transformer"
+    indexes = sorted(src.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise ConversionError(f"{src}: several index files {[i.name for i in indexes]}; pass one shard set")
+    if indexes:
+        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        files = sorted({src / name for name in weight_map.values()})
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise ConversionError(f"{indexes[0]} names shards that are missing: {missing}")
+        return files
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise ConversionError(f"{src}: no .safetensors files found")
+    return files
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Key tables.
+
+Transform = Callable[[Sequence[np.ndarray], Any], Sequence[np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Source keys -> target parameter paths through a named transform.
+
+    Attributes:
+      sources: source key patterns; ``{i}`` stands for a layer index.
+      targets: target parameter paths ('double.img_qkv_w'); for layered rules the target has a leading
+        layer axis and layer i is written.
+      transform: a name in the converter's transform table.
+    """
+
+    sources: tuple[str, ...]
+    targets: tuple[str, ...]
+    transform: str = "identity"
+
+    @property
+    def layered(self) -> bool:
+        return "{i}" in self.sources[0]
+
+
+def rule(sources: str | tuple[str, ...], targets: str | tuple[str, ...], transform: str = "identity") -> Rule:
+    """A Rule from one or several source patterns and target paths."""
+    as_tuple = lambda x: (x,) if isinstance(x, str) else tuple(x)
+    return Rule(as_tuple(sources), as_tuple(targets), transform)
+
+
+def layer_indices(keys: Sequence[str], pattern: str) -> list[int]:
+    """Sorted layer indices i for which ``pattern.format(i=i)`` is a key."""
+    rx = re.compile("^" + re.escape(pattern).replace(re.escape("{i}"), r"(\d+)") + "$")
+    return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
+
+
+def apply_rules(
+    source: SafetensorsSource,
+    rules: Sequence[Rule],
+    transforms: Mapping[str, Transform],
+    targets: Mapping[str, tuple[tuple[int, ...], bool]],
+    ctx: Any,
+    dtype,
+) -> dict[str, np.ndarray]:
+    """Maps every source tensor onto the target parameters, strictly.
+
+    Args:
+      source: the checkpoint.
+      rules: the key table.
+      transforms: transform name -> function(source arrays, ctx) -> target arrays.
+      targets: target path -> (shape, layered); layered targets have a leading layer axis.
+      ctx: passed to the transforms (the model config).
+      dtype: numpy dtype of the output arrays.
+
+    Returns:
+      target path -> array in ``dtype``.
+
+    Raises:
+      ConversionError: listing unknown source keys, unassigned targets (or layers) and shape mismatches.
+    """
+    keys = source.keys()
+    used: set[str] = set()
+    out: dict[str, np.ndarray] = {}
+    assigned: dict[str, set[int]] = {}
+    problems: list[str] = []
+    for r in rules:
+        if any(t not in targets for t in r.targets):
+            continue  # a part this architecture does not have (its source keys, if any, stay unknown)
+        if r.layered:
+            expected = set(range(targets[r.targets[0]][0][0]))
+            layers = sorted(expected.union(*(layer_indices(keys, s) for s in r.sources)))
+        else:
+            layers = [None]
+        for i in layers:
+            names = [s.format(i=i) for s in r.sources]
+            absent = [n for n in names if n not in source]
+            if absent:
+                problems.append(f"missing source key(s) {absent}")
+                continue
+            used.update(names)
+            try:
+                arrays = transforms[r.transform]([source.get(n) for n in names], ctx)
+            except (ValueError, IndexError) as e:
+                problems.append(f"{names}: transform {r.transform!r} failed: {e}")
+                continue
+            for t, a in zip(r.targets, arrays, strict=True):
+                shape, layered = targets[t]
+                want = shape[1:] if layered else shape
+                if tuple(a.shape) != tuple(want):
+                    src_shapes = [tuple(source.shape(n)) for n in names]
+                    problems.append(
+                        f"shape mismatch: {names} {src_shapes} -> {t}{'' if i is None else f'[{i}]'} "
+                        f"{tuple(a.shape)}, expected {tuple(want)}"
+                    )
+                    continue
+                if layered:
+                    if i is None or i >= shape[0]:
+                        problems.append(f"{names}: layer {i} out of range for {t} with {shape[0]} layers")
+                        continue
+                    if t not in out:
+                        out[t] = np.zeros(shape, dtype)
+                    out[t][i] = a.astype(dtype)
+                    assigned.setdefault(t, set()).add(i)
+                else:
+                    out[t] = np.asarray(a).astype(dtype)
+                    assigned.setdefault(t, set()).add(-1)
+    unknown = sorted(set(keys) - used)
+    if unknown:
+        problems.append(f"unknown source keys ({len(unknown)}): {unknown}")
+    for t, (shape, layered) in sorted(targets.items()):
+        if t not in assigned:
+            problems.append(f"missing target parameter {t} {tuple(shape)}: no source key maps to it")
+        elif layered and len(assigned[t]) != shape[0]:
+            problems.append(f"target {t}: layers {sorted(set(range(shape[0])) - assigned[t])} not assigned")
+    if problems:
+        raise ConversionError("conversion failed:\n  " + "\n  ".join(problems))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing and reading converted checkpoints.
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, path + "."))
+        else:
+            out[path] = v
+    return out
+
+
+def write_checkpoint(dst: str | os.PathLike, params: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> Path:
+    """Writes ``params`` (flat path -> array) as an orbax checkpoint plus ``manifest.json``, atomically.
+
+    Everything is written into a temporary directory next to ``dst`` and renamed into place at the end; an
+    existing ``dst`` is replaced only then.
+    """
+    import orbax.checkpoint as ocp
+
+    dst = Path(dst).absolute()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        tree = _nest({k: np.asarray(v) for k, v in params.items()})  # numpy: no second copy on a device
+        ckpt = ocp.PyTreeCheckpointer()
+        ckpt.save(tmp / PARAMS_DIR, tree)
+        (tmp / MANIFEST).write_text(json.dumps(dict(manifest), indent=2, sort_keys=True) + "\n")
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            os.rename(dst, old / "ckpt")
+            os.rename(tmp, dst)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of a converted checkpoint directory (raises FileNotFoundError with a hint)."""
+    path = Path(path)
+    m = path / MANIFEST
+    if not m.exists():
+        raise FileNotFoundError(
+            f"{path} is not a converted checkpoint (no {MANIFEST}); convert one with `python -m convert_weights`"
+        )
+    return json.loads(m.read_text())
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Flat path -> array of a checkpoint written by ``write_checkpoint``."""
+    import orbax.checkpoint as ocp
+
+    tree = ocp.PyTreeCheckpointer().restore(Path(path).absolute() / PARAMS_DIR)
+    return _flatten(tree)

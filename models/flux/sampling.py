@@ -1,0 +1,266 @@
+"""FLUX.1 sampling glue: the Flux denoiser for ``chipmunk_jax.sampler``, the Flux schedule, token reordering.
+
+Image tokens are patchified (SPEC §3.1) once before the loop, together with the image part of the RoPE table
+(the text prefix stays in place), and unpatchified after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from chipmunk_jax.config import ChipmunkConfig
+from chipmunk_jax.reorder import patchify, unpatchify
+from chipmunk_jax.sampler import EulerSampler, Report, SamplerState, flow_match_sigmas
+from chipmunk_jax.schedules import AttnKind, MLPKind, StepPlan, step_kinds
+from models.flux.model import ChipmunkRun, Flux, FluxCache, init_flux_cache, position_ids, rope_table
+
+# Pixels per latent token: VAE downsampling 8 x packing 2.
+PIXELS_PER_TOKEN = 16
+
+
+def calculate_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """The resolution-dependent shift mu of the FLUX.1-dev pipeline (linear in the image token count)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+def flux_sigmas(num_steps: int, image_seq_len: int, *, dynamic_shift: bool) -> np.ndarray:
+    """Sigmas [num_steps + 1] of the diffusers Flux pipeline: dynamic shifting (dev) or none (schnell)."""
+    mu = calculate_shift(image_seq_len) if dynamic_shift else None
+    return flow_match_sigmas(num_steps, shift=1.0, mu=mu)
+
+
+def check_size(width: int, height: int, patchify_on: bool = True, chunk: int = 8) -> tuple[int, int]:
+    """Latent token grid (h, w) of an image size; raises ValueError naming the nearest valid sizes.
+
+    With patchify on, h and w must be multiples of the patchify chunk (8 tokens = 128 px); else of 16 px.
+    """
+    step = PIXELS_PER_TOKEN * (chunk if patchify_on else 1)
+    bad = [(name, v) for name, v in (("width", width), ("height", height)) if v <= 0 or v % step]
+    if bad:
+        hints = []
+        for name, v in bad:
+            lo, hi = max(step, (v // step) * step), max(step, -(-v // step) * step)
+            near = f"{lo}" if lo == hi else f"{lo} or {hi}"
+            hints.append(f"{name} {v} is not a multiple of {step} (nearest valid: {near})")
+        why = " with patchify on (chunk_size_1 x 16 px)" if patchify_on else ""
+        raise ValueError("; ".join(hints) + why)
+    return height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
+
+
+def default_attention_impl(dtype) -> str | None:
+    """cuDNN flash attention for 16-bit models on a GPU (the fastest dense attention there), else XLA's."""
+    on_gpu = jax.devices()[0].platform == "gpu"
+    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else None
+
+
+@flax.struct.dataclass
+class FluxCond:
+    """Per-generation conditioning (a traced argument of the step function).
+
+    Attributes:
+      txt: [B, Nt, context_dim] T5 embeddings.
+      y: [B, vec_dim] pooled CLIP embedding.
+      guidance: [B] embedded guidance (dev) or None (schnell).
+      cos, sin: [Nt + Ni, head_dim / 2] RoPE table in the model's token order.
+    """
+
+    txt: jax.Array
+    y: jax.Array
+    guidance: jax.Array | None
+    cos: jax.Array
+    sin: jax.Array
+
+
+def _sparse(plan: StepPlan) -> bool:
+    return any(k is not AttnKind.DENSE for k in plan.attn) or any(k is not MLPKind.DENSE for k in plan.mlp)
+
+
+@dataclasses.dataclass(frozen=True)
+class FluxDenoiser:
+    """The Flux velocity model for ``chipmunk_jax.sampler`` (static and hashable: holds the graphdef).
+
+    Attributes:
+      graphdef: ``nnx.split(model)[0]``.
+      chipmunk: the Chipmunk config, or None for the dense model.
+      backend: Chipmunk operator backend.
+      attention_impl: ``implementation`` for jax.nn.dot_product_attention (dense layers / dense model).
+    """
+
+    graphdef: Any
+    chipmunk: ChipmunkConfig | None = None
+    backend: str = "auto"
+    attention_impl: str | None = None
+
+    def velocity(self, params, cond: FluxCond, latents, sigma, cache, rng, step, plan: StepPlan):
+        """The model's velocity [B, Ni, C_out] at ``sigma`` and the new cache (one computed step)."""
+        model: Flux = nnx.merge(self.graphdef, params)
+        b = latents.shape[0]
+        run = ChipmunkRun(self.chipmunk, plan, self.backend) if self.chipmunk is not None and _sparse(plan) else None
+        v, cache = model(
+            latents,
+            cond.txt,
+            cond.y,
+            jnp.full((b,), sigma, jnp.float32),
+            cond.guidance,
+            (cond.cos, cond.sin),
+            cache,
+            chipmunk=run,
+            rng=rng,
+            step=step,
+            attention_impl=self.attention_impl,
+        )
+        return v, cache
+
+    def skip_velocity(self, params, cond: FluxCond, latents, sigma, cache: FluxCache):
+        """Velocity of a skipped step: modulation + final layer on the cached hidden states (SPEC §4)."""
+        model: Flux = nnx.merge(self.graphdef, params)
+        if cache.hidden is None:
+            raise ValueError("a skipped step needs cache.hidden (init_flux_cache(..., step_caching=True))")
+        vec = model.embed_vec(cond.y, jnp.full((latents.shape[0],), sigma, jnp.float32), cond.guidance)
+        return model.final_layer(cache.hidden, vec)
+
+    def stats(self, cache: FluxCache) -> dict[str, float]:
+        """Achieved density (fraction of keys / neurons computed on sparse steps) from the cache counts."""
+        out = {}
+        attn = [c for c in (cache.double_attn, cache.single_attn) if c is not None and c.counts is not None]
+        if attn and self.chipmunk is not None:
+            lay0 = self.chipmunk.attn.first_n_dense_layers
+            counts, n_keys = _sparse_layers([c.counts for c in attn], lay0), attn[0].out.shape[-2]
+            if counts.size:
+                out["attention density (keys kept / keys)"] = float(counts.mean() / n_keys)
+                out["attention sparsity"] = 1.0 - out["attention density (keys kept / keys)"]
+        mlp = [c for c in (cache.double_mlp, cache.single_mlp) if c is not None]
+        if mlp and self.chipmunk is not None:
+            lay0 = self.chipmunk.mlp.first_n_dense_layers
+            f = mlp[0].act.shape[-1]
+            counts = _sparse_layers([c.counts for c in mlp], lay0)
+            if counts.size and counts.max() > 0:
+                out["mlp density (neurons kept / F)"] = float(np.minimum(counts, f).mean() / f)
+                out["mlp sparsity"] = 1.0 - out["mlp density (neurons kept / F)"]
+        return out
+
+
+def _sparse_layers(per_stack: list, first_sparse: int) -> np.ndarray:
+    """Counts of the layers >= first_sparse, over the double then single stacks (leading layer axis)."""
+    layers = [np.asarray(layer).reshape(-1) for c in per_stack for layer in np.asarray(c)]
+    kept = layers[first_sparse:]
+    return np.concatenate(kept) if kept else np.zeros((0,), np.int32)
+
+
+def _disabled(cfg: ChipmunkConfig | None) -> ChipmunkConfig:
+    base = cfg or ChipmunkConfig()
+    return base.replace(
+        attn=dataclasses.replace(base.attn, is_enabled=False), mlp=dataclasses.replace(base.mlp, is_enabled=False)
+    )
+
+
+def pack_noise(key: jax.Array, batch: int, h: int, w: int, channels: int) -> jax.Array:
+    """Initial noise as packed latent tokens [B, h*w, channels] (raster order), float32."""
+    return jax.random.normal(key, (batch, h * w, channels), jnp.float32)
+
+
+def unpack_latents(tokens: jax.Array, h: int, w: int) -> jax.Array:
+    """Packed raster tokens [B, h*w, 4c] -> VAE latents [B, c, 2h, 2w] (diffusers' _unpack_latents layout)."""
+    b, n, ch = tokens.shape
+    c = ch // 4
+    x = tokens.reshape(b, h, w, c, 2, 2)
+    return x.transpose(0, 3, 1, 4, 2, 5).reshape(b, c, 2 * h, 2 * w)
+
+
+@dataclasses.dataclass
+class Generation:
+    """Result of ``generate``: final packed latents (raster order), VAE-layout latents, the report."""
+
+    tokens: jax.Array
+    latents: jax.Array
+    report: Report
+    state: SamplerState
+
+
+def generate(
+    model: Flux,
+    txt: jax.Array,
+    y: jax.Array,
+    *,
+    width: int,
+    height: int,
+    steps: int,
+    seed: int = 0,
+    guidance: float | None = 3.5,
+    chipmunk: ChipmunkConfig | None = None,
+    backend: str = "auto",
+    attention_impl: str | None = None,
+    patchify_on: bool | None = None,
+    noise: jax.Array | None = None,
+    progress: bool = True,
+) -> Generation:
+    """Samples FLUX.1 latents with flow-matching Euler and (optionally) Chipmunk.
+
+    Args:
+      model: the Flux transformer.
+      txt: [B, Nt, context_dim] T5 embeddings.
+      y: [B, vec_dim] pooled CLIP embeddings.
+      width, height: image size in pixels.
+      steps: denoising steps.
+      seed: noise and per-(step, layer) random keys.
+      guidance: embedded guidance scale (dev); ignored by schnell (no guidance embedding).
+      chipmunk: Chipmunk config (e.g. ``chipmunk_jax.preset('flux')``), or None for the dense model. Its
+        step_caching section is honoured in both cases.
+      backend: Chipmunk operator backend.
+      attention_impl: jax.nn.dot_product_attention implementation for dense attention.
+      patchify_on: reorder image tokens; default: ``chipmunk.patchify.is_enabled`` (off for the dense model).
+      noise: optional initial noise [B, Ni, in_channels] (raster order) instead of one drawn from ``seed``.
+      progress: tqdm progress bar.
+
+    Returns:
+      A Generation.
+    """
+    cfg = model.cfg
+    if patchify_on is None:
+        patchify_on = chipmunk is not None and chipmunk.patchify.is_enabled
+    c1, c2 = (chipmunk.patchify.chunk_size_1, chipmunk.patchify.chunk_size_2) if chipmunk else (8, 4)
+    h, w = check_size(width, height, patchify_on, c1)
+    b, nt = txt.shape[0], txt.shape[1]
+    if txt.shape[2] != cfg.context_dim or y.shape != (b, cfg.vec_dim):
+        raise ValueError(f"need txt [B, Nt, {cfg.context_dim}] and y [B, {cfg.vec_dim}]; got {txt.shape}, {y.shape}")
+    ni = h * w
+    key = jax.random.key(seed)
+    if noise is None:
+        noise = pack_noise(jax.random.fold_in(key, 0), b, h, w, cfg.in_channels)
+    cos, sin = rope_table(position_ids(nt, h, w), cfg.axes_dim, cfg.theta)
+    x = jnp.array(noise, jnp.float32, copy=True)  # the state is donated; never hand over the caller's array
+    if patchify_on:
+        cos, sin = (patchify(a, h, w, c1=c1, c2=c2, axis=0, start=nt) for a in (cos, sin))
+        x = patchify(x, h, w, c1=c1, c2=c2, axis=1)
+    dt = model.dtype
+    g = None
+    if cfg.guidance_embed:
+        g = jnp.full((b,), 3.5 if guidance is None else guidance, jnp.float32)
+    cond = FluxCond(txt=txt.astype(dt), y=y.astype(dt), guidance=g, cos=cos, sin=sin)
+    plan_cfg = chipmunk if chipmunk is not None else _disabled(None)
+    schedule = step_kinds(plan_cfg, steps, cfg.num_layers)
+    step_caching = plan_cfg.step_caching.is_enabled
+    cache = init_flux_cache(cfg, chipmunk, batch=b, txt_len=nt, img_len=ni, dtype=dt, step_caching=step_caching)
+    graphdef, params = nnx.split(model)
+    denoiser = FluxDenoiser(graphdef, chipmunk, backend, attention_impl)
+    sigmas = flux_sigmas(steps, ni, dynamic_shift=cfg.guidance_embed)
+    state = SamplerState(step=jnp.zeros((), jnp.int32), latents=x, cache=cache, rng=jax.random.fold_in(key, 1))
+    state, report = EulerSampler(denoiser, schedule).run(params, cond, sigmas, state, progress=progress)
+    tokens = state.latents
+    if patchify_on:
+        tokens = unpatchify(tokens, h, w, c1=c1, c2=c2, axis=1)
+    return Generation(tokens=tokens, latents=unpack_latents(tokens, h, w), report=report, state=state)
