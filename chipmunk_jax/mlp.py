@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from chipmunk_jax import indices as ix
 from chipmunk_jax.backends import resolve_backend
@@ -89,10 +90,36 @@ def sparse_mlp(
         member = _members(indices, counts, f)
         cache = cache.replace(block_mean=jnp.where(member, zhat, cache.block_mean), indices=indices, counts=counts)
 
-    out, act = ops.sparse_mlp_delta(
-        xp, w1, b1, w2, cache.indices, cache.counts, cache.act, cache.out, block=cfg.bm, implementation=impl
-    )
+    def delta(indices):
+        return ops.sparse_mlp_delta(
+            xp, w1, b1, w2, indices, cache.counts, cache.act, cache.out, block=cfg.bm, implementation=impl
+        )
+
+    cap = selection_capacity(cfg, f)
+    if cap < f:
+        # The selection almost always fits the capacity the config implies; then only those slots are passed
+        # (a static, smaller gather). The exact full-capacity path stays as the fallback.
+        out, act = jax.lax.cond(
+            jnp.max(cache.counts) <= cap, lambda: delta(cache.indices[..., :cap]), lambda: delta(cache.indices)
+        )
+    else:
+        out, act = delta(cache.indices)
     return out[:, :n].astype(x.dtype), cache.replace(out=out, act=act)
+
+
+def selection_capacity(cfg: MLPConfig, hidden: int) -> int:
+    """A static bound on the neurons one token block selects, beyond which a selection is rare.
+
+    The quantile rule keeps about top_keys * F neurons (more only with ties), the random keep adds a binomial
+    count with mean random_keys * F * (1 - top_keys); the bound adds eight standard deviations and one tile.
+    Selections above it are still handled exactly, by a slower path.
+    """
+    top = int(np.ceil(cfg.top_keys * hidden)) + 1
+    rest = hidden - top
+    mean = rest * cfg.random_keys
+    std = float(np.sqrt(rest * cfg.random_keys * (1.0 - cfg.random_keys)))
+    cap = ix.round_up(int(np.ceil(top + mean + 8 * std)) + cfg.counts_multiple_of, cfg.counts_multiple_of)
+    return min(cap, hidden)
 
 
 def _members(indices: jax.Array, counts: jax.Array, f: int) -> jax.Array:

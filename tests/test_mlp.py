@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import chipmunk_jax as cj
+from chipmunk_jax.mlp import selection_capacity
 from chipmunk_jax.schedules import MLPKind as M
 from pallas_kernels.mlp import reference as ref_ops
 from pallas_kernels.mlp import xla as xla_ops
@@ -165,8 +166,8 @@ def test_mlp_cache_structure_and_single_compilation_per_kind():
     assert len(traces) == len(set(kinds))
 
 
-@pytest.mark.parametrize("chunk", [16, 40, 512])
-def test_xla_delta_primitive_matches_reference(chunk):
+@pytest.mark.parametrize("chunk,one_shot_max_k", [(16, 0), (40, 0), (512, 0), (16, 10_000)])
+def test_xla_delta_primitive_matches_reference(chunk, one_shot_max_k):
     """(f) The XLA primitive (chunked neuron walk) equals the dense reference, incl. partial and empty counts."""
     n, block, kcap = 48, 16, 64
     w1, b1, w2, _ = _weights(5)
@@ -179,7 +180,7 @@ def test_xla_delta_primitive_matches_reference(chunk):
     out = jax.random.normal(jax.random.key(8), (B, n, C), jnp.float32)
     args = (x, w1, b1, w2, jnp.asarray(idx, jnp.int32), jnp.asarray(counts), act, out)
     want_o, want_a = ref_ops.sparse_mlp_delta_reference(*args, block=block)
-    got_o, got_a = xla_ops.sparse_mlp_delta_xla(*args, block=block, chunk=chunk)
+    got_o, got_a = xla_ops.sparse_mlp_delta_xla(*args, block=block, chunk=chunk, one_shot_max_k=one_shot_max_k)
     np.testing.assert_allclose(np.asarray(got_o), np.asarray(want_o), atol=2e-5)
     np.testing.assert_allclose(np.asarray(got_a), np.asarray(want_a), atol=2e-5)
     np.testing.assert_array_equal(np.asarray(got_o)[0, :block], np.asarray(out)[0, :block])  # count 0: untouched
@@ -202,3 +203,35 @@ def test_mlp_bad_inputs_raise():
 
     with pytest.raises(ValueError, match="multiple of block"):
         api.sparse_mlp_delta(x[:, :30], w1, b1, w2, cache.indices, cache.counts, cache.act, cache.out, block=16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_capacity_trim_and_its_exact_fallback(backend):
+    """The operator passes only the config's capacity of slots when the selection fits, and all slots when not;
+    both equal the delta primitive applied to the full, untrimmed selection."""
+    f, n, block = 256, 32, 16
+    cfg = cj.MLPConfig(is_enabled=True, top_keys=0.1, random_keys=0.0, counts_multiple_of=16, bm=block)
+    cap = selection_capacity(cfg, f)
+    assert cap == 48  # ceil(25.6) + 1 = 27, + 16, rounded up to 16
+    w1, b1, w2, b2 = _weights(9, f=f)
+    cache = cj.init_mlp_cache(cfg, batch=1, seq_len=n, width=C, hidden=f, dtype=jnp.float32)
+    x0 = jax.random.normal(jax.random.key(0), (1, n, C), jnp.float32)
+    x1 = x0 + 0.5 * jax.random.normal(jax.random.key(1), (1, n, C), jnp.float32)
+    _, cache = cj.sparse_mlp(x0, w1, b1, w2, b2, cache, kind=M.FULL, config=cfg, backend=backend)
+    y1, sel_cache = cj.sparse_mlp(x1, w1, b1, w2, b2, cache, kind=M.SPARSE_RECOMPUTE, config=cfg, backend=backend)
+    assert int(sel_cache.counts.max()) <= cap  # the trimmed path ran
+    want, _ = ref_ops.sparse_mlp_delta_reference(
+        x1, w1, b1, w2, sel_cache.indices, sel_cache.counts, cache.act, cache.out, block=block
+    )
+    np.testing.assert_allclose(np.asarray(y1), np.asarray(want), atol=1e-5)
+    # A selection larger than the capacity (as ties or a random excess could give) takes the full path.
+    rng = np.random.default_rng(4)
+    big = jnp.asarray(np.stack([rng.permutation(f) for _ in range(n // block)])[None], jnp.int32)
+    counts = jnp.asarray([[200, 64]], jnp.int32)
+    forced = sel_cache.replace(indices=big, counts=counts)
+    y2, c2 = cj.sparse_mlp(x1, w1, b1, w2, b2, forced, kind=M.SPARSE_REUSE, config=cfg, backend=backend)
+    want_o, want_a = ref_ops.sparse_mlp_delta_reference(
+        x1, w1, b1, w2, big, counts, forced.act, forced.out, block=block
+    )
+    np.testing.assert_allclose(np.asarray(y2), np.asarray(want_o), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(c2.act), np.asarray(want_a), atol=1e-5)

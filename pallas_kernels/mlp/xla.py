@@ -1,5 +1,12 @@
 """Portable XLA implementation of the column-sparse MLP delta: per token block, gather the selected rows of
-w1 and w2 and walk them in neuron chunks, stopping at the block's count (so cost follows the selection)."""
+w1 and w2 and multiply by them.
+
+Index capacities up to ``one_shot_max_k`` are gathered and multiplied at once (one fused pass, no loop; slots
+past a block's count are masked). Larger capacities are walked in neuron chunks with a ``while_loop`` that stops
+at the block's count, so cost follows the selection; on GPUs every trip of such a loop costs a host round trip,
+which is why ``chipmunk_jax.mlp`` trims the capacity to a bound derived from the config whenever the selection
+fits it.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +16,34 @@ import jax
 import jax.numpy as jnp
 
 _CHUNK = 256  # = the default counts_multiple_of, so a selection fills whole chunks
+_ONE_SHOT_MAX_K = 8192
 
 
-@functools.partial(jax.jit, static_argnames=("block", "chunk"))
-def sparse_mlp_delta_xla(x, w1, b1, w2, indices, counts, act, out, *, block: int = 128, chunk: int = _CHUNK):
-    """Same contract as ``sparse_mlp_delta_reference``; f32 accumulation; ``chunk`` neurons per loop trip."""
+@functools.partial(jax.jit, static_argnames=("block", "chunk", "one_shot_max_k"))
+def sparse_mlp_delta_xla(
+    x,
+    w1,
+    b1,
+    w2,
+    indices,
+    counts,
+    act,
+    out,
+    *,
+    block: int = 128,
+    chunk: int = _CHUNK,
+    one_shot_max_k: int = _ONE_SHOT_MAX_K,
+):
+    """Same contract as ``sparse_mlp_delta_reference``; f32 accumulation.
+
+    ``one_shot_max_k``: capacities up to this are done in one pass; ``chunk``: neurons per loop trip otherwise.
+    """
     b, n, c = x.shape
     f = w1.shape[0]
     g = n // block
     kcap = indices.shape[-1]
+    if kcap <= one_shot_max_k:
+        return _one_shot(x, w1, b1, w2, jnp.clip(indices, 0, f - 1), counts, act, out, block=block)
     chunk = min(chunk, kcap)
     padk = -(-kcap // chunk) * chunk
     idx = jnp.pad(jnp.clip(indices, 0, f - 1), ((0, 0), (0, 0), (0, padk - kcap)))
@@ -51,3 +77,22 @@ def sparse_mlp_delta_xla(x, w1, b1, w2, indices, counts, act, out, *, block: int
     fn = jax.vmap(jax.vmap(one_block))
     new_o, new_at = fn(xg, at, og, idx, counts)
     return new_o.reshape(b, n, c), jnp.swapaxes(new_at, 2, 3).reshape(b, n, f)
+
+
+def _one_shot(x, w1, b1, w2, idx, counts, act, out, *, block: int):
+    b, n, c = x.shape
+    f = w1.shape[0]
+    g = n // block
+    kcap = idx.shape[-1]
+    xg = x.reshape(b, g, block, c)
+    at = jnp.swapaxes(act.reshape(b, g, block, f), 2, 3)  # [B, G, F, block], rows move whole (see above)
+    valid = jax.lax.broadcasted_iota(jnp.int32, (b, g, kcap), 2) < counts[..., None]  # [B, G, K]
+    z = jnp.einsum("bgkc,bgmc->bgkm", w1[idx], xg, preferred_element_type=jnp.float32)  # [B, G, K, block]
+    z = z + b1[idx].astype(jnp.float32)[..., None]
+    rows = jax.vmap(jax.vmap(lambda a, i: a[i]))(at, idx)  # [B, G, K, block]
+    p = jnp.where(valid[..., None], jax.nn.gelu(z, approximate=True) - rows.astype(jnp.float32), 0.0)
+    acc = out.reshape(b, g, block, c).astype(jnp.float32) + jnp.einsum(
+        "bgkm,bgkc->bgmc", p.astype(w2.dtype), w2[idx], preferred_element_type=jnp.float32
+    )
+    new_at = jax.vmap(jax.vmap(lambda a, i, d: a.at[i].add(d)))(at, idx, p.astype(at.dtype))
+    return acc.astype(out.dtype).reshape(b, n, c), jnp.swapaxes(new_at, 2, 3).reshape(b, n, f)
