@@ -19,7 +19,7 @@ def _attn_cfg(config: AttnConfig | ChipmunkConfig) -> AttnConfig:
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "auto") -> jax.Array:
     """Plain dense attention on [B, H, N, D] (cuDNN/XLA through jax.nn.dot_product_attention for 'xla')."""
-    backend = resolve_backend(backend)
+    backend = resolve_backend(backend, "dense_attention")
     if backend == "xla":
         # jax.nn.dot_product_attention mixes bf16 and f32 internally, which strict promotion rejects.
         with jax.numpy_dtype_promotion("standard"):
@@ -75,23 +75,26 @@ def sparse_attention(
     """
     cfg = _attn_cfg(config)
     kind = _kind(AttnKind, kind)
-    impl = resolve_backend(backend)
+    resolve_backend(backend)  # an unknown name fails here, whatever the kind
     if kind is AttnKind.DENSE:
-        return dense_attention(q, k, v, backend=impl), cache
+        return dense_attention(q, k, v, backend=backend), cache
     _check(q, k, v, cache, cfg)
     group, n_keys = cfg.mbm, k.shape[2]
 
     def a_s(indices, counts):
-        return ops.sparse_attention(q, k, v, indices, counts, group=group, implementation=impl)
+        return ops.sparse_attention(
+            q, k, v, indices, counts, group=group, implementation=resolve_backend(backend, "sparse_attention")
+        )
 
     def store_delta(o, a):
         return (o.astype(jnp.float32) - a.astype(jnp.float32)).astype(cache.out.dtype)
 
     if kind is AttnKind.WARMUP:
-        o, lse = ops.dense_attention(q, k, v, group=group, implementation=impl)
+        o, lse = ops.dense_attention(q, k, v, group=group, implementation=resolve_backend(backend, "dense_attention"))
         return o, cache.replace(lse=lse)
 
     if kind is AttnKind.MASK:
+        impl = resolve_backend(backend, "dense_attention_colsum")
         o, lse, cs = ops.dense_attention_colsum(q, k, v, cache.lse, group=group, implementation=impl)
         if cfg.should_compress_indices:
             if rng is None:
@@ -108,7 +111,7 @@ def sparse_attention(
 
     indices, counts = _selection(cache, cfg, n_keys)
     if kind is AttnKind.FULL:
-        o, _ = ops.dense_attention(q, k, v, group=group, implementation=impl)
+        o, _ = ops.dense_attention(q, k, v, group=group, implementation=resolve_backend(backend, "dense_attention"))
         return o, cache.replace(out=store_delta(o, a_s(indices, counts)))
 
     # SPARSE: o = C + A_S(q_t, k_t, v_t); the cache stays anchored to the last full step.

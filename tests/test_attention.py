@@ -282,3 +282,16 @@ def test_bad_inputs_raise_clear_errors():
         api.dense_attention(q, k, v, implementation="mosaic_gpu_nope")
     with pytest.raises(ValueError, match="kind"):
         cj.sparse_attention(q, k, v, cache, kind="sparsest", config=cfg, backend="xla")
+
+
+def test_auto_backend_takes_mosaic_only_for_verified_ops(monkeypatch):
+    """'auto' on a Hopper GPU uses a Mosaic kernel only for ops verified on hardware; never off a GPU."""
+    from chipmunk_jax import backends
+
+    assert backends.resolve_backend("auto", "sparse_attention") == "xla"  # this machine has no GPU
+    monkeypatch.setattr(backends, "_on_hopper", lambda: True)
+    monkeypatch.setattr(backends.registry, "available", lambda op: ("mosaic_gpu", "reference", "xla"))
+    assert backends.resolve_backend("auto", "sparse_attention") == "mosaic_gpu"
+    for op in ("dense_attention", "dense_attention_colsum", "sparse_mlp_delta"):
+        assert backends.resolve_backend("auto", op) == "xla"
+    assert backends.resolve_backend("mosaic_gpu", "dense_attention_colsum") == "mosaic_gpu"  # explicit choice kept
