@@ -47,12 +47,14 @@ def run(n: int, heads: int, head_dim: int, width: int, hidden: int, repeats: int
     b1 = 0.1 * jax.random.normal(keys[10], (hidden,), f32)
     b2 = 0.1 * jax.random.normal(keys[11], (width,), f32)
 
+    # Weights are arguments, never closed-over constants (XLA would constant-fold them).
+    wts = (w1, b1, w2, b2)
     attn = jax.jit(
         lambda q, k, v, c, kind: cj.sparse_attention(q, k, v, c, kind=kind, config=cfg, backend=backend),
         static_argnames="kind",
     )
     mlp = jax.jit(
-        lambda x, c, r, kind: cj.sparse_mlp(x, w1, b1, w2, b2, c, kind=kind, config=cfg, backend=backend, rng=r),
+        lambda x, w, c, r, kind: cj.sparse_mlp(x, *w, c, kind=kind, config=cfg, backend=backend, rng=r),
         static_argnames="kind",
     )
     # Real caches: warm-up at step 0 and the mask step at step 1 (attention); full then a selection (MLP).
@@ -60,31 +62,32 @@ def run(n: int, heads: int, head_dim: int, width: int, hidden: int, repeats: int
     _, ac = attn(q0, k0, v0, ac, kind=AttnKind.WARMUP)
     _, ac = attn(q1, k1, v1, ac, kind=AttnKind.MASK)
     mc = cj.init_mlp_cache(cfg.mlp, batch=1, seq_len=n, width=width, hidden=hidden, dtype=f32)
-    _, mc = mlp(x0, mc, jax.random.key(0), kind=MLPKind.FULL)
-    _, mc_sel = mlp(x1, mc, jax.random.key(1), kind=MLPKind.SPARSE_RECOMPUTE)
+    _, mc = mlp(x0, wts, mc, jax.random.key(0), kind=MLPKind.FULL)
+    _, mc_sel = mlp(x1, wts, mc, jax.random.key(1), kind=MLPKind.SPARSE_RECOMPUTE)
+    r2 = jax.random.key(2)
 
     dense_attn = jax.jit(lambda q, k, v: cj.dense_attention(q, k, v, backend=backend))
-    dense_mlp = jax.jit(lambda x: cj.dense_mlp(x, w1, b1, w2, b2))
-    both_dense = jax.jit(lambda q, k, v, x: (dense_attn(q, k, v), dense_mlp(x)))
+    dense_mlp = jax.jit(lambda x, w: cj.dense_mlp(x, *w))
+    both_dense = jax.jit(lambda q, k, v, x, w: (dense_attn(q, k, v), dense_mlp(x, w)))
     both_sparse = jax.jit(
-        lambda q, k, v, x, a, m: (
+        lambda q, k, v, x, w, a, m, r: (
             attn(q, k, v, a, kind=AttnKind.SPARSE)[0],
-            mlp(x, m, jax.random.key(2), kind=MLPKind.SPARSE_RECOMPUTE)[0],
+            mlp(x, w, m, r, kind=MLPKind.SPARSE_RECOMPUTE)[0],
         )
     )
     t = {
         "attn_dense": _time(dense_attn, q1, k1, v1, repeats=repeats),
         "attn_sparse": _time(lambda *a: attn(*a, kind=AttnKind.SPARSE)[0], q1, k1, v1, ac, repeats=repeats),
         "attn_mask_step": _time(lambda *a: attn(*a, kind=AttnKind.MASK)[0], q1, k1, v1, ac, repeats=repeats),
-        "mlp_dense": _time(dense_mlp, x1, repeats=repeats),
+        "mlp_dense": _time(dense_mlp, x1, wts, repeats=repeats),
         "mlp_sparse_recompute": _time(
-            lambda *a: mlp(*a, kind=MLPKind.SPARSE_RECOMPUTE)[0], x1, mc, jax.random.key(2), repeats=repeats
+            lambda *a: mlp(*a, kind=MLPKind.SPARSE_RECOMPUTE)[0], x1, wts, mc, r2, repeats=repeats
         ),
         "mlp_sparse_reuse": _time(
-            lambda *a: mlp(*a, kind=MLPKind.SPARSE_REUSE)[0], x1, mc_sel, jax.random.key(2), repeats=repeats
+            lambda *a: mlp(*a, kind=MLPKind.SPARSE_REUSE)[0], x1, wts, mc_sel, r2, repeats=repeats
         ),
-        "layer_dense": _time(both_dense, q1, k1, v1, x1, repeats=repeats),
-        "layer_sparse": _time(both_sparse, q1, k1, v1, x1, ac, mc, repeats=repeats),
+        "layer_dense": _time(both_dense, q1, k1, v1, x1, wts, repeats=repeats),
+        "layer_sparse": _time(both_sparse, q1, k1, v1, x1, wts, ac, mc, r2, repeats=repeats),
     }
     kept_keys = int(ac.counts[0, 0, 0])
     kept_neurons = float(mc_sel.counts.mean())

@@ -1,11 +1,12 @@
 """Portable XLA implementation of the column-sparse MLP delta: per token block, gather the selected rows of
 w1 and w2 and multiply by them.
 
-Index capacities up to ``one_shot_max_k`` are gathered and multiplied at once (one fused pass, no loop; slots
-past a block's count are masked). Larger capacities are walked in neuron chunks with a ``while_loop`` that stops
-at the block's count, so cost follows the selection; on GPUs every trip of such a loop costs a host round trip,
-which is why ``chipmunk_jax.mlp`` trims the capacity to a bound derived from the config whenever the selection
-fits it.
+On GPUs, index capacities up to ``one_shot_max_k`` are gathered and multiplied at once (one fused pass, no
+loop; slots past a block's count are masked): there every trip of a data-dependent loop costs a host round trip,
+which is also why ``chipmunk_jax.mlp`` trims the capacity to a bound derived from the config whenever the
+selection fits it. Otherwise (and on CPUs, where loops are cheap and a one-pass gather of every block's weight
+rows would not fit the caches) the rows are walked in neuron chunks with a ``while_loop`` that stops at the
+block's count, so cost follows the selection.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 _CHUNK = 256  # = the default counts_multiple_of, so a selection fills whole chunks
-_ONE_SHOT_MAX_K = 8192
+_ONE_SHOT_MAX_K_GPU = 8192
 
 
 @functools.partial(jax.jit, static_argnames=("block", "chunk", "one_shot_max_k"))
@@ -32,12 +33,15 @@ def sparse_mlp_delta_xla(
     *,
     block: int = 128,
     chunk: int = _CHUNK,
-    one_shot_max_k: int = _ONE_SHOT_MAX_K,
+    one_shot_max_k: int | None = None,
 ):
     """Same contract as ``sparse_mlp_delta_reference``; f32 accumulation.
 
-    ``one_shot_max_k``: capacities up to this are done in one pass; ``chunk``: neurons per loop trip otherwise.
+    ``one_shot_max_k``: capacities up to this are done in one pass (default: 8192 on GPU, 0 elsewhere);
+    ``chunk``: neurons per loop trip otherwise.
     """
+    if one_shot_max_k is None:
+        one_shot_max_k = _ONE_SHOT_MAX_K_GPU if jax.default_backend() == "gpu" else 0
     b, n, c = x.shape
     f = w1.shape[0]
     g = n // block
