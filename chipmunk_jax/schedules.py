@@ -143,3 +143,13 @@ def step_kinds(config: ChipmunkConfig, num_steps: int, num_layers: int) -> Sched
                 mlp_has_indices[layer] = True
         plans.append(StepPlan(False, attn, tuple(mlp)))
     return Schedule(tuple(plans))
+
+
+def kind_runs(kinds) -> list[tuple[int, int]]:
+    """Contiguous [a, b) runs of equal entries of ``kinds`` (one per layer): each run is one ``lax.scan``."""
+    out, a = [], 0
+    for i in range(1, len(kinds) + 1):
+        if i == len(kinds) or kinds[i] != kinds[a]:
+            out.append((a, i))
+            a = i
+    return out

@@ -275,6 +275,22 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def make_manifest(
+    *, model: str, variant: str, source_format: str, config: Any, dtype: np.dtype, params, files, hash_sources: bool
+) -> dict[str, Any]:
+    """The manifest written next to a converted checkpoint (``config`` has a ``to_dict()``)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": model,
+        "variant": variant,
+        "source_format": source_format,
+        "config": config.to_dict(),
+        "dtype": np.dtype(dtype).name,
+        "num_params": int(sum(a.size for a in params.values())),
+        "sources": [{"file": f.name, "sha256": file_sha256(f) if hash_sources else None} for f in files],
+    }
+
+
 def write_checkpoint(dst: str | os.PathLike, params: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> Path:
     """Writes ``params`` (flat path -> array) as an orbax checkpoint plus ``manifest.json``, atomically.
 

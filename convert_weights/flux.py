@@ -308,16 +308,16 @@ def convert(src, dst, *, dtype: str = "bf16", axes_dim=None, hash_sources: bool 
     source, fmt = open_source(src)
     cfg = infer_config(source, fmt, axes_dim, Path(src) if Path(src).is_dir() else None)
     params = common.apply_rules(source, RULES[fmt], TRANSFORMS, target_shapes(cfg), cfg, np_dtype)
-    manifest = {
-        "format_version": common.FORMAT_VERSION,
-        "model": MODEL,
-        "variant": "dev" if cfg.guidance_embed else "schnell",
-        "source_format": fmt,
-        "config": cfg.to_dict(),
-        "dtype": np_dtype.name,
-        "num_params": int(sum(a.size for a in params.values())),
-        "sources": [{"file": f.name, "sha256": common.file_sha256(f) if hash_sources else None} for f in source.files],
-    }
+    manifest = common.make_manifest(
+        model=MODEL,
+        variant="dev" if cfg.guidance_embed else "schnell",
+        source_format=fmt,
+        config=cfg,
+        dtype=np_dtype,
+        params=params,
+        files=source.files,
+        hash_sources=hash_sources,
+    )
     common.write_checkpoint(dst, params, manifest)
     return manifest
 

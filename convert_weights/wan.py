@@ -395,16 +395,16 @@ def convert(src, dst, *, dtype: str = "bf16", head_dim: int = 128, hash_sources:
     fmt = detect_format(source)
     cfg = infer_config(source, head_dim=head_dim)
     params = convert_tensors(source, cfg, dtype=np_dtype)
-    manifest = {
-        "format_version": common.FORMAT_VERSION,
-        "model": MODEL,
-        "variant": "i2v" if cfg.is_i2v else "t2v",
-        "source_format": fmt,
-        "config": cfg.to_dict(),
-        "dtype": np_dtype.name,
-        "num_params": int(sum(a.size for a in params.values())),
-        "sources": [{"file": f.name, "sha256": common.file_sha256(f) if hash_sources else None} for f in source.files],
-    }
+    manifest = common.make_manifest(
+        model=MODEL,
+        variant="i2v" if cfg.is_i2v else "t2v",
+        source_format=fmt,
+        config=cfg,
+        dtype=np_dtype,
+        params=params,
+        files=source.files,
+        hash_sources=hash_sources,
+    )
     common.write_checkpoint(dst, params, manifest)
     return manifest
 

@@ -26,7 +26,7 @@ from chipmunk_jax.cache import AttentionCache, MLPCache, init_attention_cache, i
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.indices import layer_rng
 from chipmunk_jax.mlp import dense_mlp, sparse_mlp
-from chipmunk_jax.schedules import AttnKind, MLPKind, StepPlan
+from chipmunk_jax.schedules import AttnKind, MLPKind, StepPlan, kind_runs
 from models.flux.config import FluxConfig
 
 _EPS = 1e-6
@@ -317,16 +317,6 @@ def single_block(p: dict, x, vec, cos, sin, attn_cache, mlp_cache, kinds: _Kinds
     return x + g[:, None, :] * (a + m.astype(x.dtype)), attn_cache, mlp_cache
 
 
-def _runs(kinds: list[tuple[AttnKind, MLPKind]]) -> list[tuple[int, int]]:
-    """Contiguous [a, b) runs of equal (attn, mlp) kinds."""
-    out, a = [], 0
-    for i in range(1, len(kinds) + 1):
-        if i == len(kinds) or kinds[i] != kinds[a]:
-            out.append((a, i))
-            a = i
-    return out
-
-
 def _slice(tree, a: int, b: int):
     return jax.tree.map(lambda x: x[a:b], tree)
 
@@ -448,7 +438,7 @@ class Flux(nnx.Module):
 
         def scan_runs(stack, n_layers, layer0, carry, attn_c, mlp_c, block):
             params = {k: v[...] for k, v in vars(stack).items() if isinstance(v, nnx.Param)}
-            for a, e in _runs(kinds_of(layer0, n_layers)):
+            for a, e in kind_runs(kinds_of(layer0, n_layers)):
                 ka, km = kinds_of(layer0, n_layers)[a]
                 need_a, need_m = _needs(ka, km)
                 if need_a and attn_c is None or need_m and mlp_c is None:

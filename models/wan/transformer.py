@@ -31,7 +31,7 @@ from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.indices import StaticMask, layer_rng, static_video_mask
 from chipmunk_jax.mlp import dense_mlp
 from chipmunk_jax.reorder import unvoxelize, voxelize
-from chipmunk_jax.schedules import AttnKind, StepPlan
+from chipmunk_jax.schedules import AttnKind, StepPlan, kind_runs
 from models.wan.config import WanConfig
 
 # The image embedder's LayerNorms use torch's default epsilon (diffusers FP32LayerNorm default).
@@ -379,16 +379,6 @@ def block(p: dict, x, ctx, img_ctx, tproj, cos, sin, cache, kinds: _Kinds, rng, 
     return _gated(x, m, gate2), cache
 
 
-def _runs(kinds: list[AttnKind]) -> list[tuple[int, int]]:
-    """Contiguous [a, b) runs of equal kinds."""
-    out, a = [], 0
-    for i in range(1, len(kinds) + 1):
-        if i == len(kinds) or kinds[i] != kinds[a]:
-            out.append((a, i))
-            a = i
-    return out
-
-
 def _slice(tree, a: int, b: int):
     return jax.tree.map(lambda x: x[a:b], tree)
 
@@ -541,7 +531,7 @@ class WanTransformer3D(nnx.Module):
 
         params = {k: v[...] for k, v in vars(self.blocks).items() if isinstance(v, nnx.Param)}
         attn_c = cache.attn
-        for a, e in _runs(kinds):
+        for a, e in kind_runs(kinds):
             kind = kinds[a]
             sparse = kind is not AttnKind.DENSE
             run = _Kinds(
