@@ -13,6 +13,7 @@ import sys
 # subcommand -> module implementing it
 SUBCOMMANDS = {
     "flux": "convert_weights.flux",
+    "flux-pipeline": "convert_weights.flux_pipeline",
     "wan": "convert_weights.wan",
 }
 
