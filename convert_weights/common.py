@@ -291,6 +291,53 @@ def make_manifest(
     }
 
 
+def replace_dir(tmp: Path, dst: Path) -> None:
+    """Moves the finished directory ``tmp`` to ``dst`` by renames, replacing an existing ``dst`` whole."""
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        os.rename(dst, old / "ckpt")
+        os.rename(tmp, dst)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, dst)
+
+
+def fill_module(abstract, arrays: Mapping[str, np.ndarray], *, where: str, dtype=None):
+    """Fills a module built with ``nnx.eval_shape`` from flat ``"a.b.c"`` arrays (``read_checkpoint``), strictly.
+
+    Args:
+      abstract: the abstract module.
+      arrays: stored arrays by dotted parameter path.
+      where: named in the error (the checkpoint path).
+      dtype: cast every parameter to this dtype; None keeps each parameter's own dtype.
+
+    Raises:
+      ValueError: listing every missing, mis-shaped and unexpected array.
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(abstract)
+    flat, problems, seen = [], [], set()
+    for p, var in nnx.to_flat_state(state):
+        name = ".".join(str(x) for x in p)
+        seen.add(name)
+        if name not in arrays:
+            problems.append(f"missing {name}")
+            continue
+        a = arrays[name]
+        if tuple(a.shape) != tuple(var.get_value().shape):
+            problems.append(f"{name}: stored {tuple(a.shape)}, model {tuple(var.get_value().shape)}")
+            continue
+        flat.append((p, var.replace(jnp.asarray(a, dtype if dtype is not None else var.get_value().dtype))))
+    extra = sorted(set(arrays) - seen)
+    if extra:
+        problems.append(f"unexpected stored arrays {extra}")
+    if problems:
+        raise ValueError(f"{where}: checkpoint does not match the model:\n  " + "\n  ".join(problems))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
 def write_checkpoint(dst: str | os.PathLike, params: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> Path:
     """Writes ``params`` (flat path -> array) as an orbax checkpoint plus ``manifest.json``, atomically.
 
@@ -307,13 +354,7 @@ def write_checkpoint(dst: str | os.PathLike, params: Mapping[str, np.ndarray], m
         ckpt = ocp.PyTreeCheckpointer()
         ckpt.save(tmp / PARAMS_DIR, tree)
         (tmp / MANIFEST).write_text(json.dumps(dict(manifest), indent=2, sort_keys=True) + "\n")
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.rename(dst, old / "ckpt")
-            os.rename(tmp, dst)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, dst)
+        replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

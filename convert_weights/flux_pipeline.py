@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -193,13 +192,7 @@ def convert(src, dst, *, dtype: str = "bf16", hash_sources: bool = True) -> dict
             "tokenizers": list(TOKENIZERS),
         }
         (tmp / common.MANIFEST).write_text(json.dumps(top, indent=2, sort_keys=True) + "\n")
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.rename(dst, old / "ckpt")
-            os.rename(tmp, dst)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, dst)
+        common.replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,13 +16,10 @@ examples:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-
-class UsageError(ValueError):
-    """A problem with the command line found before any compute."""
+from models.flux.sample import UsageError, chipmunk_and_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,9 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def prepare(args):
     """Validates everything that can be checked without compute; returns the Chipmunk config (None: dense)."""
-    import chipmunk_jax
     from models.flux.pipeline import check_pipeline_dir
-    from models.flux.sampling import check_size
 
     try:
         check_pipeline_dir(args.checkpoint)
@@ -83,19 +78,7 @@ def prepare(args):
         raise UsageError("give at least one --prompt")
     if any(not p.strip() for p in args.prompt):
         raise UsageError("--prompt must not be empty")
-    chipmunk = None
-    if not args.dense:
-        if args.chipmunk_config:
-            if not os.path.exists(args.chipmunk_config):
-                raise UsageError(f"chipmunk config {args.chipmunk_config} does not exist")
-            chipmunk = chipmunk_jax.load_config(args.chipmunk_config, base="flux")
-        else:
-            chipmunk = chipmunk_jax.preset("flux")
-    patchify_on = chipmunk is not None and chipmunk.patchify.is_enabled
-    try:
-        check_size(args.width, args.height, patchify_on, chipmunk.patchify.chunk_size_1 if chipmunk else 8)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
+    chipmunk = chipmunk_and_size(args)
     for name in ("steps", "num_images", "t5_max_length"):
         v = getattr(args, name)
         if v is not None and v < 1:

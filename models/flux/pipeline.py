@@ -58,7 +58,7 @@ def check_pipeline_dir(path: str | os.PathLike) -> None:
 
 def _load_component(path: Path, model_name: str, config_cls, module_cls, dtype=None):
     """Builds ``module_cls(config)`` abstractly and fills it from a ``write_checkpoint`` directory."""
-    from convert_weights.common import read_checkpoint, read_manifest
+    from convert_weights.common import fill_module, read_checkpoint, read_manifest
 
     m = read_manifest(path)
     if m.get("model") != model_name:
@@ -70,26 +70,7 @@ def _load_component(path: Path, model_name: str, config_cls, module_cls, dtype=N
     cfg = config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["config"].items()})
     dt = jnp.dtype(dtype) if dtype is not None else jnp.dtype(m["dtype"])
     abstract = nnx.eval_shape(lambda: module_cls(cfg, rngs=nnx.Rngs(0), dtype=dt, param_dtype=dt))
-    graphdef, state = nnx.split(abstract)
-    arrays = read_checkpoint(path)
-    flat, problems, seen = [], [], set()
-    for p, var in nnx.to_flat_state(state):
-        name = ".".join(str(x) for x in p)
-        seen.add(name)
-        if name not in arrays:
-            problems.append(f"missing {name}")
-            continue
-        a = arrays[name]
-        if tuple(a.shape) != tuple(var.get_value().shape):
-            problems.append(f"{name}: stored {tuple(a.shape)}, model {tuple(var.get_value().shape)}")
-            continue
-        flat.append((p, var.replace(jnp.asarray(a, var.get_value().dtype))))
-    extra = sorted(set(arrays) - seen)
-    if extra:
-        problems.append(f"unexpected stored arrays {extra}")
-    if problems:
-        raise ValueError(f"{path}: checkpoint does not match the model:\n  " + "\n  ".join(problems))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return fill_module(abstract, read_checkpoint(path), where=str(path))
 
 
 @jax.jit

@@ -117,12 +117,11 @@ def _embeddings(args, cfg):
     return t5.astype(np.float32), pooled.astype(np.float32)
 
 
-def prepare(args):
-    """Validates everything that can be checked without compute; returns (cfg, dtype, chipmunk, t5, pooled)."""
+def chipmunk_and_size(args):
+    """The Chipmunk config of --dense / --chipmunk-config (None = dense), after checking --width/--height."""
     import chipmunk_jax
     from models.flux.sampling import check_size
 
-    cfg, dtype = _model_config(args)
     chipmunk = None
     if not args.dense:
         if args.chipmunk_config:
@@ -136,6 +135,14 @@ def prepare(args):
         check_size(args.width, args.height, patchify_on, chipmunk.patchify.chunk_size_1 if chipmunk else 8)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    return chipmunk
+
+
+def prepare(args):
+    """Validates everything that can be checked without compute; returns (cfg, dtype, chipmunk, t5, pooled)."""
+
+    cfg, dtype = _model_config(args)
+    chipmunk = chipmunk_and_size(args)
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.batch is not None and args.batch < 1:
