@@ -33,10 +33,12 @@ def _time(fn, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def run(n: int, heads: int, head_dim: int, width: int, hidden: int, repeats: int, backend: str) -> dict[str, float]:
+def run(
+    n: int, heads: int, head_dim: int, width: int, hidden: int, repeats: int, backend: str, dtype=jnp.float32
+) -> dict[str, float]:
     """Times dense and sparse attention/MLP steps for one layer; returns seconds per step by name."""
     cfg = cj.preset("flux")
-    f32 = jnp.float32
+    f32 = dtype
     keys = jax.random.split(jax.random.key(0), 12)
     q0, k0, v0 = (jax.random.normal(keys[i], (1, heads, n, head_dim), f32) for i in range(3))
     q1, k1, v1 = (a + 0.1 * jax.random.normal(keys[3 + i], a.shape, f32) for i, a in enumerate((q0, k0, v0)))
@@ -89,6 +91,14 @@ def run(n: int, heads: int, head_dim: int, width: int, hidden: int, repeats: int
         "layer_dense": _time(both_dense, q1, k1, v1, x1, wts, repeats=repeats),
         "layer_sparse": _time(both_sparse, q1, k1, v1, x1, wts, ac, mc, r2, repeats=repeats),
     }
+    if jax.devices()[0].platform == "gpu":
+        # The production dense baseline on a GPU: cuDNN flash attention in the [B, N, H, D] layout.
+        def cudnn(q, k, v):
+            with jax.numpy_dtype_promotion("standard"):
+                return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+
+        qt, kt, vt = (jnp.swapaxes(a, 1, 2).astype(jnp.bfloat16) for a in (q1, k1, v1))
+        t["attn_cudnn"] = _time(jax.jit(cudnn), qt, kt, vt, repeats=repeats)
     kept_keys = int(ac.counts[0, 0, 0])
     kept_neurons = float(mc_sel.counts.mean())
     t["attn_density"] = kept_keys / n
@@ -104,16 +114,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--width", type=int, default=3072, help="model width C")
     p.add_argument("--hidden", type=int, default=12288, help="MLP hidden width F")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median reported)")
-    p.add_argument("--backend", default="xla", choices=["xla", "reference"])
+    p.add_argument("--backend", default="xla", choices=["xla", "reference", "auto", "mosaic_gpu"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="inputs, weights and caches")
     p.add_argument("--quick", action="store_true", help="quarter-size shapes (N 1088, 6 heads, C 768, F 3072)")
     a = p.parse_args(argv)
     if a.quick:
         a.n, a.heads, a.width, a.hidden = 1088, 6, 768, 3072
     print(
-        f"jax {jax.__version__} on {jax.devices()[0].platform}; backend {a.backend}; float32; "
+        f"jax {jax.__version__} on {jax.devices()[0].platform}; backend {a.backend}; {a.dtype}; "
         f"N={a.n}, heads={a.heads}x{a.head_dim}, C={a.width}, F={a.hidden}; Flux preset; median of {a.repeats}"
     )
-    t = run(a.n, a.heads, a.head_dim, a.width, a.hidden, a.repeats, a.backend)
+    t = run(a.n, a.heads, a.head_dim, a.width, a.hidden, a.repeats, a.backend, jnp.dtype(a.dtype))
     print(f"selected: {100 * t['attn_density']:.1f}% of keys per query group, {100 * t['mlp_density']:.1f}% of neurons")
     rows = [
         ("attention", "attn_dense", "attn_sparse"),
@@ -124,7 +135,12 @@ def main(argv: list[str] | None = None) -> None:
     ]
     print(f"{'':38s} {'dense ms':>10s} {'chipmunk ms':>12s} {'speed-up':>9s}")
     for name, d, s in rows:
-        print(f"{name:38s} {1e3 * t[d]:10.1f} {1e3 * t[s]:12.1f} {t[d] / t[s]:8.2f}x")
+        print(f"{name:38s} {1e3 * t[d]:10.2f} {1e3 * t[s]:12.2f} {t[d] / t[s]:8.2f}x")
+    if "attn_cudnn" in t:
+        print(
+            f"{'attention vs cuDNN (bf16, [B, N, H, D])':38s} {1e3 * t['attn_cudnn']:10.2f} "
+            f"{1e3 * t['attn_sparse']:12.2f} {t['attn_cudnn'] / t['attn_sparse']:8.2f}x"
+        )
 
 
 if __name__ == "__main__":

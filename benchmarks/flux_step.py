@@ -8,11 +8,13 @@ examples:
   python benchmarks/flux_step.py                      # GPU: full size, 1280x768
   python benchmarks/flux_step.py --layers 2,2 --width 256 --height 256   # quick CPU check
   python benchmarks/flux_step.py --attention-impl cudnn --steps 12
+  python benchmarks/flux_step.py --generation 50      # whole generations: dense, chipmunk, chipmunk + step caching
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -51,7 +53,49 @@ def _parser() -> argparse.ArgumentParser:
         "auto: cudnn on a GPU, else xla",
     )
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument(
+        "--generation",
+        type=int,
+        metavar="STEPS",
+        help="instead of per-kind step times: time whole STEPS-step generations, dense vs chipmunk without and "
+        "with step caching (compile time reported separately)",
+    )
+    p.add_argument(
+        "--only-runs",
+        nargs="+",
+        metavar="NAME",
+        help="with --generation: run only these (plus dense), e.g. 'chipmunk attention only'",
+    )
     return p
+
+
+def _generations(model, txt, y, args, common) -> None:
+    flux = cj.preset("flux")
+    runs = {
+        "dense": None,
+        "chipmunk": dataclasses.replace(flux, step_caching=dataclasses.replace(flux.step_caching, is_enabled=False)),
+        "chipmunk + step caching": dataclasses.replace(
+            flux, step_caching=dataclasses.replace(flux.step_caching, is_enabled=True)
+        ),
+    }
+    attn_only = dataclasses.replace(flux, mlp=dataclasses.replace(flux.mlp, is_enabled=False))
+    runs["chipmunk attention only"] = dataclasses.replace(
+        attn_only, step_caching=dataclasses.replace(flux.step_caching, is_enabled=False)
+    )
+    runs["chipmunk attention only + step caching"] = dataclasses.replace(
+        attn_only, step_caching=dataclasses.replace(flux.step_caching, is_enabled=True)
+    )
+    totals = {}
+    for name, ck in runs.items():
+        if args.only_runs and name not in args.only_runs and name != "dense":
+            continue
+        gen = generate(model, txt, y, steps=args.generation, chipmunk=ck, backend=args.backend, **common)
+        rep = gen.report
+        totals[name] = rep.total_s
+        print(f"\n== {name}: {args.generation} steps ==\n" + rep.format())
+    print("\n== summary (denoising wall time, compile excluded) ==")
+    for name, total in totals.items():
+        print(f"{name:<40} {total:8.2f} s  {totals['dense'] / total:6.3f}x")
 
 
 def _mean(report, pred) -> float:
@@ -82,6 +126,9 @@ def main(argv=None) -> int:
     impl = default_attention_impl(jnp.bfloat16) if args.attention_impl == "auto" else args.attention_impl
     print(f"dense attention: {impl or 'xla'}; Chipmunk backend: {args.backend}")
     common = dict(width=args.width, height=args.height, attention_impl=impl, progress=False)
+    if args.generation:
+        _generations(model, txt, y, args, common)
+        return 0
 
     dense = generate(model, txt, y, steps=args.dense_steps, chipmunk=None, **common)
     flux = cj.preset("flux")

@@ -5,6 +5,7 @@ Usage:
   python -m benchmarks.kernels --models flux --reps 20
   python -m benchmarks.kernels --only mlp
   python -m benchmarks.kernels --lower-only         # on any machine: every variant cross-lowers for CUDA
+  python -m benchmarks.kernels --tune --models flux wan1.3b   # sweep TuningConfigs, write the tuned table
 
 Attention (B = 1, 24 or 12 heads x 128): dense cuDNN (jax.nn.dot_product_attention), our dense kernel
 (o + lse), and our column-sparse kernel at 93% and 83.5% sparsity (kept keys rounded up to 128 per query group),
@@ -18,6 +19,9 @@ correctness check, says that timings need a GPU, and exits 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
+import json
 import statistics
 import sys
 import time
@@ -164,6 +168,74 @@ def run_variants(title: str, variants, reps: int) -> list[str]:
     return rows
 
 
+def tuning_candidates(mode: str, group: int):
+    """TuningConfigs swept by ``--tune`` for one mode and query group (those over the SMEM budget fail and are
+    reported, not hidden)."""
+    from pallas_kernels.attention import mosaic_gpu as mg
+
+    base = mg.default_config(group, sparse=mode == "sparse")
+    if mode == "dense":
+        grid = [dict(block_kv=bk, max_concurrent_steps=st) for bk in (64, 128) for st in (2, 3)]
+    else:
+        grid = [dict(gather="rows_staged", block_kv=64, max_concurrent_steps=st) for st in (2, 3, 4)]
+        grid += [dict(gather="pregathered", block_kv=bk, max_concurrent_steps=st) for bk in (64, 128) for st in (2, 3)]
+    return [dataclasses.replace(base, **kw) for kw in grid]
+
+
+def tune(models, groups, reps: int, out_path) -> list[str]:
+    """Times every candidate config per (model shape, group, mode); writes the best of each to ``out_path``."""
+    from pallas_kernels.attention import mosaic_gpu as mg
+
+    rows, entries = [], []
+    for model in models:
+        h, n = MODELS[model]
+        d = 128
+        inp = _Inputs(7, False)
+        sets = [tuple(inp.normal((1, h, n, d)) for _ in range(3)) for _ in range(2)]
+        for group in groups:
+            g = -(-n // group)
+            sels = []
+            for sp in SPARSITIES:
+                kept = -(-round((1.0 - sp) * n) // 128) * 128
+                idx = _strided_selection(inp._next(), h, g, n, kept)
+                sels.append((sp, [(*qkv, idx, jnp.full((1, h, g), kept, jnp.int32)) for qkv in sets]))
+            for mode in ("dense", "sparse"):
+                results = []
+                for cfg in tuning_candidates(mode, group):
+                    gather = cfg.gather if mode == "sparse" else ""
+                    label = f"{mode} g{group} {gather} bk{cfg.block_kv} st{cfg.max_concurrent_steps}"
+                    try:
+                        if mode == "dense":
+                            fn = jax.jit(lambda q, k, v, cfg=cfg: mg.dense_attention(q, k, v, config=cfg))
+                            ms = {"dense": 1e3 * _time(fn, sets, reps)}
+                        else:
+                            fn = jax.jit(lambda q, k, v, i, c, cfg=cfg: mg.sparse_attention(q, k, v, i, c, config=cfg))
+                            ms = {f"{sp:.3f}": 1e3 * _time(fn, ss, reps) for sp, ss in sels}
+                    except Exception as e:  # over the SMEM budget, or a lowering limit: report and go on
+                        rows.append(f"{model:8s} {label:40s} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+                        continue
+                    results.append((sum(ms.values()), cfg, ms))
+                    rows.append(f"{model:8s} {label:40s} " + "  ".join(f"{k}: {v:8.3f} ms" for k, v in ms.items()))
+                if results:
+                    _, cfg, ms = min(results, key=lambda r: r[0])
+                    rows.append(f"{model:8s} best {mode} g{group}: {cfg}")
+                    entries.append(
+                        dict(mode=mode, group=group, model=model, heads=h, n=n, config=dataclasses.asdict(cfg), ms=ms)
+                    )
+    table = dict(
+        written_by=f"python -m benchmarks.kernels --tune --models {' '.join(models)} --reps {reps}",
+        date=datetime.date.today().isoformat(),
+        device=jax.devices()[0].device_kind,
+        jax=jax.__version__,
+        entries=entries,
+    )
+    with open(out_path, "w") as f:
+        json.dump(table, f, indent=1)
+        f.write("\n")
+    rows.append(f"wrote {len(entries)} tuned entries to {out_path}")
+    return rows
+
+
 def lower_variants(title: str, variants) -> list[str]:
     """Cross-lowers every variant for CUDA (no GPU needed) and reports which ones lower."""
     rows = []
@@ -199,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("attention", "mlp"), default=None, help="run one kernel family")
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions per variant (median reported)")
     parser.add_argument("--lower-only", action="store_true", help="cross-lower every variant for CUDA; no GPU needed")
+    parser.add_argument("--tune", action="store_true", help="sweep TuningConfigs per shape and write the tuned table")
+    parser.add_argument("--groups", nargs="+", type=int, default=[192], choices=(128, 192), help="--tune query groups")
+    parser.add_argument("--tune-out", default=None, help="--tune output (default: the package's tuned_configs.json)")
     args = parser.parse_args(argv)
     # Interpret mode runs each warpgroup on XLA's CPU pool and can hang with fewer threads than warpgroups;
     # this must precede the first backend initialisation.
@@ -220,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         print(interpret_check())
         return 0
     print(f"device: {jax.devices()[0].device_kind}; median of {args.reps} runs after warm-up")
+    if args.tune:
+        from pallas_kernels.attention import mosaic_gpu as mg
+
+        out = args.tune_out or mg.TUNED_CONFIGS_PATH
+        print("\n".join(tune(args.models, args.groups, args.reps, out)), flush=True)
+        return 0
     for title, make in groups:
         print("\n".join(run_variants(title, make(False), args.reps)), flush=True)
     return 0

@@ -15,11 +15,11 @@ from pallas_kernels import registry
 
 BACKENDS = ("reference", "xla", "mosaic_gpu")
 
-# Ops for which 'auto' takes the Mosaic GPU kernel on Hopper. Measured on an H200 on 2026-11-23
-# (docs/PERFORMANCE.md): the dense + column-sums kernel gave wrong column sums on hardware (it passes in
-# interpret mode), the dense kernel ran at 0.39x cuDNN, and the sparse MLP kernel at 0.19x the dense MLP
-# (slower than the xla delta). Add an op here once [h200-run] has verified and tuned its kernel.
-AUTO_MOSAIC_OPS = frozenset({"sparse_attention"})
+# Ops for which 'auto' takes the Mosaic GPU kernel on Hopper: verified on an H200 (tests/pallas_kernels, -m gpu)
+# and faster than the xla path there (docs/PERFORMANCE.md, 2026-11-23): sparse attention 1.3x cuDNN inside the
+# Chipmunk op at Flux shape, the tuned dense kernel about 0.9x cuDNN (the xla path is a chunked loop), dense +
+# column sums 2.0x the xla mask step. The sparse MLP kernel is not here: 0.2x the dense MLP, slower than xla.
+AUTO_MOSAIC_OPS = frozenset({"sparse_attention", "dense_attention", "dense_attention_colsum"})
 
 
 @functools.cache

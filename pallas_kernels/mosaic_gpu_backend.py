@@ -18,25 +18,29 @@ from pallas_kernels.mlp import mosaic_gpu as mlp
 IMPLEMENTATIONS = {"mosaic_gpu": False, "mosaic_gpu_interpret": True}
 
 
-def _dense_config(group: int) -> attn.TuningConfig:
-    # The dense op's group only sets the tiling; other values fall back to the 192-row default.
-    return attn.default_config(group if group in (128, 192) else 192, sparse=False)
-
-
 def dense_attention(q, k, v, *, group: int = 192, interpret: bool = False):
     """Registry adapter: (o [B, H, N, D], lse [B, H, N] f32)."""
-    return attn.dense_attention(q, k, v, config=_dense_config(group), interpret=interpret)
+    # The dense op's group only sets the tiling; other values fall back to the 192-row group.
+    cfg = attn.tuned_config("dense", group if group in (128, 192) else 192, k.shape[2])
+    return attn.dense_attention(q, k, v, config=cfg, interpret=interpret)
 
 
 def dense_attention_colsum(q, k, v, prev_lse, *, group: int = 192, interpret: bool = False):
     """Registry adapter: (o, lse, cs [B, H, ceil(N / group), Nk] f32); group must be 128 or 192."""
-    cfg = attn.default_config(group, sparse=False)
+    if group not in (128, 192):
+        raise ValueError(f"{group=} must be 128 or 192 for the Mosaic GPU attention kernels")
+    # The tuned dense tiles (block_kv 64) do not lower with column sums (the partials need 128-wide vectors).
+    cfg = attn.tuned_config("dense", group, k.shape[2])
+    if cfg.block_kv % 128:
+        cfg = attn.default_config(group, sparse=False)
     return attn.dense_attention_colsum(q, k, v, prev_lse, config=cfg, interpret=interpret)
 
 
 def sparse_attention(q, k, v, indices, counts, *, group: int = 192, interpret: bool = False):
-    """Registry adapter: o [B, H, N, D]; group must be 128 or 192."""
-    cfg = attn.default_config(group, sparse=True)
+    """Registry adapter: o [B, H, N, D]; group must be 128 or 192; the config is the tuned one for N."""
+    if group not in (128, 192):
+        raise ValueError(f"{group=} must be 128 or 192 for the Mosaic GPU attention kernels")
+    cfg = attn.tuned_config("sparse", group, k.shape[2])
     return attn.sparse_attention(q, k, v, indices, counts, config=cfg, interpret=interpret)
 
 

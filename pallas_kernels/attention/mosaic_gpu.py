@@ -12,7 +12,7 @@ Key source, by op:
   * sparse: per (b, h, group) a list of key indices; slots at or beyond the group's count hold -1 and are masked.
     The loop runs ceil(count / block_kv) steps, so the work follows the count, not the capacity. The gather of
     the selected rows is pluggable (``TuningConfig.gather``):
-      - "rows_staged" (default): the producer loads the step's indices into SMEM, issues one TMA per selected
+      - "rows_staged" (``default_config``): the producer loads the step's indices into SMEM, issues one TMA per selected
         row into an unswizzled staging tile, then rewrites it through registers into the swizzled wgmma operand
         (``commit_smem`` orders those generic-proxy stores before the tensor cores read them). It is the only
         design that both runs in interpret mode and lowers for sm_90a without aliasing tricks; its costs are
@@ -21,8 +21,8 @@ Key source, by op:
         tiles (an extra HBM round trip of the selected rows; the safe fallback).
       - "rows_direct": one TMA per row straight into the swizzled operand. Interpret mode only: the sm_90
         lowering rejects 1-row slices of an (8, 64)-tiled buffer.
-    The probe (shared/kernel-probe) also has "rows_refunion" and "cp_async" designs; which gather is fastest is
-    to be settled on an H200.
+    On an H200 "pregathered" measured 1.7-2.7x faster than "rows_staged" (docs/PERFORMANCE.md), so the tuned
+    table (``tuned_config``, written by ``benchmarks/kernels.py --tune``) selects it.
   * dense + column sums: each consumer warpgroup reduces exp(s_ij - prev_lse_i) over its 64 rows into a
     [block_kv] partial in SMEM; the producer sums the partials of the warpgroups and stores the tile of
     cs[b, h, g, :] with a TMA (two SMEM slots, guarded by "full"/"free" barriers).
@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -103,6 +105,32 @@ def default_config(group: int, *, sparse: bool) -> TuningConfig:
     regs = dict(consumer_regs=232, producer_regs=40) if wgs == 2 else dict(consumer_regs=152, producer_regs=56)
     # rows_staged needs a staging tile per K and V: block_kv 128 would exceed the 227 KiB of SMEM.
     return TuningConfig(num_compute_wgs=wgs, block_kv=64 if sparse else 128, **regs)
+
+
+TUNED_CONFIGS_PATH = pathlib.Path(__file__).with_name("tuned_configs.json")
+
+
+@functools.lru_cache(maxsize=1)
+def _tuned_table() -> tuple[dict, ...]:
+    if not TUNED_CONFIGS_PATH.exists():
+        return ()
+    return tuple(json.loads(TUNED_CONFIGS_PATH.read_text())["entries"])
+
+
+def tuned_config(mode: str, group: int, n: int) -> TuningConfig:
+    """The best measured config for ``mode`` ('dense' or 'sparse') at query group ``group`` and key count ``n``.
+
+    Reads ``tuned_configs.json`` (written by ``python -m benchmarks.kernels --tune`` on a Hopper GPU): among
+    the entries of this mode and group it takes the one measured at the key count nearest to ``n`` (in log
+    scale). Without a matching entry it returns ``default_config``.
+    """
+    if mode not in ("dense", "sparse"):
+        raise ValueError(f"{mode=} must be 'dense' or 'sparse'")
+    rows = [e for e in _tuned_table() if e["mode"] == mode and e["group"] == group]
+    if not rows:
+        return default_config(group, sparse=mode == "sparse")
+    best = min(rows, key=lambda e: abs(math.log(max(n, 1) / e["n"])))
+    return TuningConfig(**best["config"])
 
 
 SHIPPED_CONFIGS: dict[str, tuple[TuningConfig, ...]] = {
@@ -299,7 +327,20 @@ def _build(
                 l_i = l_i * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 if colsum:
-                    part = jnp.exp2(s - lax.broadcast_in_dim(prev, s.shape, [0])).sum(axis=0)
+                    contrib = jnp.exp2(s - lax.broadcast_in_dim(prev, s.shape, [0]))
+
+                    # The row reduction crosses warps and goes through Mosaic GPU's one reduction scratch buffer,
+                    # which all warpgroups share: they take turns (token ring over cs_turn) or corrupt each other.
+                    @pl.when(jnp.logical_or(wg > 0, step > 0))
+                    def _():
+                        plgpu.barrier_wait(sc["cs_turn"].at[wg])
+
+                    part = contrib.sum(axis=0)
+
+                    @pl.when(jnp.logical_or(wg + 1 < nwg, step + 1 < steps))  # every phase must be observed
+                    def _():
+                        plgpu.barrier_arrive(sc["cs_turn"].at[lax.rem(wg + 1, nwg)])
+
                     cslot = lax.rem(step, _COLSUM_SLOTS)
 
                     @pl.when(step >= _COLSUM_SLOTS)
@@ -360,6 +401,7 @@ def _build(
         scratch["cs_out"] = plgpu.SMEM((_COLSUM_SLOTS, bk), jnp.float32)
         scratch["cs_full"] = plgpu.Barrier(num_arrivals=nwg, num_barriers=_COLSUM_SLOTS)
         scratch["cs_free"] = plgpu.Barrier(num_arrivals=1, num_barriers=_COLSUM_SLOTS)
+        scratch["cs_turn"] = plgpu.Barrier(num_arrivals=1, num_barriers=nwg)
     if interpret:
         scratch["kt_scr"] = plgpu.SMEM((nwg, d, bk), dtype)
         scratch["p_scr"] = plgpu.SMEM((nwg, ROWS_PER_WG, bk), dtype)

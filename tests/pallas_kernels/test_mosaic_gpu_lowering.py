@@ -140,3 +140,43 @@ def test_benchmark_variants_lower(capsys):
     lines = capsys.readouterr().out.splitlines()
     ours = [ln for ln in lines if "mosaic_gpu" in ln or "sparse" in ln]
     assert len(ours) == 4 and all("lowers for cuda" in ln for ln in ours), lines
+
+
+def _tuned_cases():
+    try:
+        from pallas_kernels.attention import mosaic_gpu
+    except ImportError:
+        return []
+    ops = {"dense": ("dense_attention", "dense_attention_colsum"), "sparse": ("sparse_attention",)}
+    return [
+        pytest.param(e, op, id=f"{op}-{e['model']}-g{e['group']}")
+        for e in mosaic_gpu._tuned_table()
+        for op in ops[e["mode"]]
+    ]
+
+
+def test_tuned_table_is_present_and_picks_by_length():
+    mg = _mosaic_attention()
+    entries = mg._tuned_table()
+    assert {e["mode"] for e in entries} == {"dense", "sparse"}
+    for e in entries:
+        assert mg.tuned_config(e["mode"], e["group"], e["n"]) == mg.TuningConfig(**e["config"])
+    # No entry for this group: the hand-written default.
+    assert mg.tuned_config("sparse", 128, 4352) == mg.default_config(128, sparse=True)
+
+
+@pytest.mark.parametrize(("entry", "op"), _tuned_cases())
+def test_registry_adapters_lower_at_tuned_shapes(entry, op):
+    """What backend='auto' runs on Hopper: the adapters with the tuned configs (colsum included), per shape."""
+    _mosaic_attention()
+    n, group = min(entry["n"], 8192), entry["group"]  # the tiling, not the length, decides what lowers
+    fn = functools.partial(registry.get(op, "mosaic_gpu"), group=group)
+    q = _sds(1, 2, n, D)
+    if op == "sparse_attention":
+        g = -(-n // group)
+        args = (q, q, q, _sds(1, 2, g, 640, dtype=jnp.int32), _sds(1, 2, g, dtype=jnp.int32))
+    elif op == "dense_attention_colsum":
+        args = (q, q, q, _sds(1, 2, n, dtype=jnp.float32))
+    else:
+        args = (q, q, q)
+    assert "mosaic_gpu" in _lower(fn, *args)
