@@ -15,6 +15,8 @@ SUBCOMMANDS = {
     "flux": "convert_weights.flux",
     "flux-pipeline": "convert_weights.flux_pipeline",
     "wan": "convert_weights.wan",
+    "wan-vae": "convert_weights.wan_vae",
+    "umt5": "convert_weights.umt5",
 }
 
 EPILOG = """Converted checkpoints are directories holding an orbax checkpoint (params/) and manifest.json

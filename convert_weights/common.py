@@ -378,3 +378,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
     tree = ocp.PyTreeCheckpointer().restore(Path(path).absolute() / PARAMS_DIR)
     return _flatten(tree)
+
+
+def add_common_arguments(parser, *, src_help: str, default_dtype: str = "bf16") -> None:
+    """Adds the options every converter shares: --src, --dst, --dtype and --no-hash."""
+    parser.add_argument("--src", required=True, help=src_help)
+    parser.add_argument("--dst", required=True, help="output directory (replaced atomically)")
+    parser.add_argument(
+        "--dtype", default=default_dtype, choices=sorted(DTYPES), help=f"parameter dtype ({default_dtype})"
+    )
+    parser.add_argument("--no-hash", action="store_true", help="skip the sha256 of the source files")

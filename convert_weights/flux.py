@@ -324,15 +324,14 @@ def convert(src, dst, *, dtype: str = "bf16", axes_dim=None, hash_sources: bool 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the flux subcommand's options."""
-    parser.add_argument("--src", required=True, help="BFL .safetensors file or diffusers transformer directory")
-    parser.add_argument("--dst", required=True, help="output directory (replaced atomically)")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(common.DTYPES), help="parameter dtype (bf16)")
+    common.add_common_arguments(
+        parser, src_help="BFL .safetensors file or diffusers transformer directory", default_dtype="bf16"
+    )
     parser.add_argument(
         "--axes-dim",
         default=None,
         help="RoPE axes split, comma separated (default: diffusers config.json, else 16,56,56)",
     )
-    parser.add_argument("--no-hash", action="store_true", help="skip the sha256 of the source files")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -201,10 +201,7 @@ def convert(src, dst, *, dtype: str = "bf16", hash_sources: bool = True) -> dict
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the flux-pipeline subcommand's options."""
-    parser.add_argument("--src", required=True, help="FLUX.1 diffusers download directory")
-    parser.add_argument("--dst", required=True, help="output directory (replaced atomically)")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(common.DTYPES), help="parameter dtype (bf16)")
-    parser.add_argument("--no-hash", action="store_true", help="skip the sha256 of the source files")
+    common.add_common_arguments(parser, src_help="FLUX.1 diffusers download directory", default_dtype="bf16")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -424,11 +424,10 @@ def load(path, *, dtype=None):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--src", required=True, help="Wan .safetensors file or diffusers transformer directory")
-    parser.add_argument("--dst", required=True, help="output directory (replaced atomically)")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(common.DTYPES), help="parameter dtype (bf16)")
+    common.add_common_arguments(
+        parser, src_help="Wan .safetensors file or diffusers transformer directory", default_dtype="bf16"
+    )
     parser.add_argument("--head-dim", type=int, default=128, help="attention head size (128 in all releases)")
-    parser.add_argument("--no-hash", action="store_true", help="skip the sha256 of the source files")
 
 
 def run(args: argparse.Namespace) -> int:
