@@ -17,6 +17,15 @@ from pallas_kernels.mlp import mosaic_gpu as mlp
 
 IMPLEMENTATIONS = {"mosaic_gpu": False, "mosaic_gpu_interpret": True}
 
+# The pre-gathered K/V copies are [B, H, G, K, D] each: G times the selected keys. At long video sequences with
+# many kept keys that is hundreds of GiB (Wan 720p, CFG), so above this size the in-kernel row gather is used.
+PREGATHER_MAX_BYTES = 4 * 2**30
+
+
+def _pregathered_bytes(q, indices) -> int:
+    b, h, g, kcap = indices.shape
+    return 2 * b * h * g * kcap * q.shape[3] * 2  # K and V, 16-bit
+
 
 def dense_attention(q, k, v, *, group: int = 192, interpret: bool = False):
     """Registry adapter: (o [B, H, N, D], lse [B, H, N] f32)."""
@@ -41,6 +50,8 @@ def sparse_attention(q, k, v, indices, counts, *, group: int = 192, interpret: b
     if group not in (128, 192):
         raise ValueError(f"{group=} must be 128 or 192 for the Mosaic GPU attention kernels")
     cfg = attn.tuned_config("sparse", group, k.shape[2])
+    if cfg.gather == "pregathered" and _pregathered_bytes(q, indices) > PREGATHER_MAX_BYTES:
+        cfg = attn.default_config(group, sparse=True)
     return attn.sparse_attention(q, k, v, indices, counts, config=cfg, interpret=interpret)
 
 

@@ -180,3 +180,18 @@ def test_registry_adapters_lower_at_tuned_shapes(entry, op):
     else:
         args = (q, q, q)
     assert "mosaic_gpu" in _lower(fn, *args)
+
+
+def test_sparse_adapter_avoids_huge_pregathers(monkeypatch):
+    """At long sequences with many kept keys the [B, H, G, K, D] pre-gather would not fit: rows_staged instead."""
+    _mosaic_attention()
+    from pallas_kernels import mosaic_gpu_backend as mb
+
+    seen = []
+    monkeypatch.setattr(mb.attn, "sparse_attention", lambda *a, config, **kw: seen.append(config.gather))
+    q = jnp.zeros((2, 12, 75_600, D), jnp.bfloat16)  # Wan2.1 720p with CFG; only shapes are read
+    small, large = (jax.ShapeDtypeStruct((2, 12, 394, k), jnp.int32) for k in (512, 30_208))
+    counts = jax.ShapeDtypeStruct((2, 12, 394), jnp.int32)
+    mb.sparse_attention(q, q, q, small, counts, group=192)
+    mb.sparse_attention(q, q, q, large, counts, group=192)
+    assert seen == ["pregathered", "rows_staged"]
