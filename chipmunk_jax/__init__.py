@@ -4,6 +4,7 @@ The method's state is explicit: a frozen config, a static step-kind schedule, an
 and returned from pure operators.
 """
 
+from chipmunk_jax import parallel
 from chipmunk_jax.attention import dense_attention, sparse_attention
 from chipmunk_jax.cache import (
     AttentionCache,
@@ -65,6 +66,7 @@ __all__ = [
     "load_config",
     "mlp_cache_nbytes",
     "model_cache_nbytes",
+    "parallel",
     "patchify",
     "patchify_permutation",
     "preset",

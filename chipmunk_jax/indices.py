@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +24,34 @@ _BITS = 32
 def layer_rng(key: jax.Array, step, layer) -> jax.Array:
     """The random key of (generation key, step, layer); step and layer may be traced."""
     return jax.random.fold_in(jax.random.fold_in(key, step), layer)
+
+
+@flax.struct.dataclass
+class KeySlice:
+    """A random key that stands for a [B, H] block of a draw made over the full, unsharded [B_full, H_full, ...].
+
+    Inside ``shard_map`` a device sees only its batch rows and heads; drawing with the plain key there would give
+    other numbers than the unsharded run. ``random_uniform`` draws the full array and slices this block, so that
+    sharded and unsharded runs select the same random keys (``chipmunk_jax.parallel`` builds these).
+
+    Attributes:
+      key: the key of the unsharded draw.
+      offset: (first batch row, first head) of this block; may be traced.
+      full: (B_full, H_full), static.
+    """
+
+    key: jax.Array
+    offset: tuple[jax.Array, jax.Array]
+    full: tuple[int, int] = flax.struct.field(pytree_node=False)
+
+
+def random_uniform(rng: jax.Array | KeySlice, shape: tuple[int, ...]) -> jax.Array:
+    """``jax.random.uniform(rng, shape)``, or for a KeySlice its block of the draw over the full leading axes."""
+    if not isinstance(rng, KeySlice):
+        return jax.random.uniform(rng, shape)
+    full = jax.random.uniform(rng.key, (*rng.full, *shape[2:]))
+    starts = (*rng.offset, *([0] * (len(shape) - 2)))
+    return jax.lax.dynamic_slice(full, starts, shape)
 
 
 def round_up(x, m: int):
@@ -197,7 +226,7 @@ def static_video_mask(
 def compressed_mask(
     cs: jax.Array,
     cfg: AttnConfig,
-    rng: jax.Array,
+    rng: jax.Array | KeySlice,
     static: StaticMask | None,
 ) -> jax.Array:
     """The compressed-mode key mask [B, H, G, N] (SPEC §1.2b, should_compress_indices)."""
@@ -213,7 +242,7 @@ def compressed_mask(
             raise ValueError(f"static mask {static_mask.shape} does not match column sums [H, G, N] {cs.shape[1:]}")
     if tk == 0:
         return jnp.broadcast_to(static_mask, cs.shape)
-    mask = jax.random.uniform(rng, cs.shape) < COMPRESSED_RANDOM_PROB
+    mask = random_uniform(rng, cs.shape) < COMPRESSED_RANDOM_PROB
     _, top = jax.lax.top_k(cs, tk)
     top_mask = jnp.zeros(cs.shape, bool)
     top_mask = jax.vmap(jax.vmap(jax.vmap(lambda mm, ii: mm.at[ii].set(True))))(top_mask, top)

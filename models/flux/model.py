@@ -20,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from chipmunk_jax import parallel
 from chipmunk_jax.attention import sparse_attention
 from chipmunk_jax.cache import AttentionCache, MLPCache, init_attention_cache, init_mlp_cache
 from chipmunk_jax.config import ChipmunkConfig
@@ -261,15 +263,21 @@ class _Kinds:
     chipmunk: ChipmunkConfig | None
     backend: str
     attention_impl: str | None
+    mesh: Mesh | None = None
 
 
 def _attention(q, k, v, cache, kinds: _Kinds, rng):
-    if kinds.attn is AttnKind.DENSE:
-        o = jax.nn.dot_product_attention(
-            jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), implementation=kinds.attention_impl
-        )  # [B, N, H, D]
-        return jnp.swapaxes(o, 1, 2), cache
-    return sparse_attention(q, k, v, cache, kind=kinds.attn, config=kinds.chipmunk, backend=kinds.backend, rng=rng)
+    def attend(q, k, v, cache, rng, static_mask):
+        if kinds.attn is AttnKind.DENSE:
+            o = jax.nn.dot_product_attention(
+                jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), implementation=kinds.attention_impl
+            )  # [B, N, H, D]
+            return jnp.swapaxes(o, 1, 2), cache
+        return sparse_attention(q, k, v, cache, kind=kinds.attn, config=kinds.chipmunk, backend=kinds.backend, rng=rng)
+
+    if kinds.mesh is None:
+        return attend(q, k, v, cache, rng, None)
+    return parallel.ulysses_attention(attend, q, k, v, cache, mesh=kinds.mesh, rng=rng)
 
 
 def _mlp(x, w1, b1, w2, b2, cache, kinds: _Kinds, rng):
@@ -386,6 +394,7 @@ class Flux(nnx.Module):
         rng: jax.Array | None = None,
         step: jax.Array | int = 0,
         attention_impl: str | None = None,
+        mesh: Mesh | None = None,
     ) -> tuple[jax.Array, FluxCache | None]:
         """Runs the transformer.
 
@@ -402,6 +411,9 @@ class Flux(nnx.Module):
           rng: generation key; each (step, layer) gets ``indices.layer_rng(rng, step, layer)``.
           step: the denoising step index (for the per-layer rng).
           attention_impl: ``implementation`` of jax.nn.dot_product_attention for dense attention.
+          mesh: a ``parallel.make_mesh`` mesh: batch split over 'cfg', tokens over 'sp' with Ulysses attention
+            (heads and Nt + Ni divisible by sp). The cache should be placed with ``parallel.place_cache``.
+            Cache fields chosen by ``chipmunk.config.offloading`` are moved between host and device per layer.
 
         Returns:
           (prediction [B, Ni, out_channels], new cache or None).
@@ -412,10 +424,14 @@ class Flux(nnx.Module):
         cos, sin = rope
         if cos.shape != (nt + ni, cfg.head_dim // 2):
             raise ValueError(f"rope table {cos.shape} does not match {nt}+{ni} tokens, head_dim {cfg.head_dim}")
+        if mesh is not None:
+            parallel.check_attention_shapes(mesh, b, cfg.heads, nt + ni)
+        offload = parallel.offloaded_fields(chipmunk.config.offloading) if chipmunk is not None else frozenset()
+        tokens = lambda tree: jax.tree.map(lambda a: parallel.constrain_tokens(a, mesh), tree)
         dt = self.dtype
         vec = self.embed_vec(y, t, guidance)
-        img = self.img_in(img.astype(dt))
-        txt = self.txt_in(txt.astype(dt))
+        img = tokens(self.img_in(img.astype(dt)))
+        txt = tokens(self.txt_in(txt.astype(dt)))
 
         plan = chipmunk.plan if chipmunk is not None else None
         if plan is not None and (len(plan.attn) != cfg.num_layers or plan.skip):
@@ -434,6 +450,7 @@ class Flux(nnx.Module):
                 chipmunk.config if chipmunk else None,
                 chipmunk.backend if chipmunk else "auto",
                 attention_impl,
+                mesh,
             )
 
         def scan_runs(stack, n_layers, layer0, carry, attn_c, mlp_c, block):
@@ -454,8 +471,9 @@ class Flux(nnx.Module):
                 def body(carry, x, kinds=kinds):
                     p, layer, ac, mc = x
                     lrng = None if rng is None else layer_rng(rng, step, layer)
+                    ac, mc = parallel.fetch(ac, offload), parallel.fetch(mc, offload)
                     carry, ac, mc = block(p, carry, ac, mc, kinds, lrng)
-                    return carry, (ac, mc)
+                    return tokens(carry), (parallel.stash(ac, offload), parallel.stash(mc, offload))
 
                 carry, (ac, mc) = jax.lax.scan(body, carry, xs)
                 if need_a:
@@ -475,7 +493,7 @@ class Flux(nnx.Module):
         (img, txt), d_attn, d_mlp = scan_runs(
             self.double, cfg.depth_double, 0, (img, txt), cache.double_attn, cache.double_mlp, dbl
         )
-        x = jnp.concatenate([txt, img], axis=1)
+        x = tokens(jnp.concatenate([txt, img], axis=1))
         x, s_attn, s_mlp = scan_runs(
             self.single, cfg.depth_single, cfg.depth_double, x, cache.single_attn, cache.single_mlp, sgl
         )
@@ -487,4 +505,5 @@ class Flux(nnx.Module):
             single_mlp=s_mlp,
             hidden=None if cache.hidden is None else hidden.astype(cache.hidden.dtype),
         )
-        return self.final_layer(hidden, vec), new_cache
+        new_cache = parallel.constrain_cache(new_cache, mesh=mesh, offload=offload)
+        return tokens(self.final_layer(hidden, vec)), new_cache

@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
+from chipmunk_jax import parallel
 from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.reorder import patchify, unpatchify
 from chipmunk_jax.sampler import EulerSampler, Report, SamplerState, flow_match_sigmas
@@ -98,12 +100,14 @@ class FluxDenoiser:
       chipmunk: the Chipmunk config, or None for the dense model.
       backend: Chipmunk operator backend.
       attention_impl: ``implementation`` for jax.nn.dot_product_attention (dense layers / dense model).
+      mesh: ``parallel.make_mesh`` mesh for CFG / sequence-parallel sampling, or None (one device).
     """
 
     graphdef: Any
     chipmunk: ChipmunkConfig | None = None
     backend: str = "auto"
     attention_impl: str | None = None
+    mesh: Mesh | None = None
 
     def velocity(self, params, cond: FluxCond, latents, sigma, cache, rng, step, plan: StepPlan):
         """The model's velocity [B, Ni, C_out] at ``sigma`` and the new cache (one computed step)."""
@@ -122,6 +126,7 @@ class FluxDenoiser:
             rng=rng,
             step=step,
             attention_impl=self.attention_impl,
+            mesh=self.mesh,
         )
         return v, cache
 
@@ -131,7 +136,7 @@ class FluxDenoiser:
         if cache.hidden is None:
             raise ValueError("a skipped step needs cache.hidden (init_flux_cache(..., step_caching=True))")
         vec = model.embed_vec(cond.y, jnp.full((latents.shape[0],), sigma, jnp.float32), cond.guidance)
-        return model.final_layer(cache.hidden, vec)
+        return parallel.constrain_tokens(model.final_layer(cache.hidden, vec), self.mesh)
 
     def stats(self, cache: FluxCache) -> dict[str, float]:
         """Achieved density (fraction of keys / neurons computed on sparse steps) from the cache counts."""
@@ -191,6 +196,30 @@ class Generation:
     state: SamplerState
 
 
+def _place(state: SamplerState, params, cond: FluxCond, mesh: Mesh | None, offload: frozenset[str]):
+    """Puts the sampler state, parameters and conditioning on the mesh (and offloaded cache fields on the host)."""
+    cache = parallel.place_cache(state.cache, mesh=mesh, offload=offload)
+    if mesh is None:
+        return state.replace(cache=cache), params, cond
+    rep = parallel.replicated(mesh)
+    tokens = lambda a: jax.device_put(a, NamedSharding(mesh, parallel.token_spec(mesh, a.shape)))
+    per_sample = lambda a: jax.device_put(a, NamedSharding(mesh, parallel.batch_spec(mesh, a.shape)))
+    state = state.replace(
+        step=jax.device_put(state.step, rep),
+        latents=tokens(state.latents),
+        cache=cache,
+        rng=jax.device_put(state.rng, rep),
+    )
+    cond = cond.replace(
+        txt=tokens(cond.txt),
+        y=per_sample(cond.y),
+        guidance=None if cond.guidance is None else per_sample(cond.guidance),
+        cos=jax.device_put(cond.cos, rep),
+        sin=jax.device_put(cond.sin, rep),
+    )
+    return state, jax.device_put(params, rep), cond
+
+
 def generate(
     model: Flux,
     txt: jax.Array,
@@ -207,6 +236,7 @@ def generate(
     patchify_on: bool | None = None,
     noise: jax.Array | None = None,
     progress: bool = True,
+    mesh: Mesh | None = None,
 ) -> Generation:
     """Samples FLUX.1 latents with flow-matching Euler and (optionally) Chipmunk.
 
@@ -225,6 +255,9 @@ def generate(
       patchify_on: reorder image tokens; default: ``chipmunk.patchify.is_enabled`` (off for the dense model).
       noise: optional initial noise [B, Ni, in_channels] (raster order) instead of one drawn from ``seed``.
       progress: tqdm progress bar.
+      mesh: a ``parallel.make_mesh(cfg=..., sp=...)`` mesh: the batch is split over 'cfg' (B divisible by it),
+        tokens over 'sp' with Ulysses attention (heads and Nt + Ni divisible by it). None: one device.
+        Independently of the mesh, cache fields chosen by ``chipmunk.offloading`` are kept in host memory.
 
     Returns:
       A Generation.
@@ -238,6 +271,8 @@ def generate(
     if txt.shape[2] != cfg.context_dim or y.shape != (b, cfg.vec_dim):
         raise ValueError(f"need txt [B, Nt, {cfg.context_dim}] and y [B, {cfg.vec_dim}]; got {txt.shape}, {y.shape}")
     ni = h * w
+    if mesh is not None:
+        parallel.check_attention_shapes(mesh, b, cfg.heads, nt + ni)
     key = jax.random.key(seed)
     if noise is None:
         noise = pack_noise(jax.random.fold_in(key, 0), b, h, w, cfg.in_channels)
@@ -256,9 +291,12 @@ def generate(
     step_caching = plan_cfg.step_caching.is_enabled
     cache = init_flux_cache(cfg, chipmunk, batch=b, txt_len=nt, img_len=ni, dtype=dt, step_caching=step_caching)
     graphdef, params = nnx.split(model)
-    denoiser = FluxDenoiser(graphdef, chipmunk, backend, attention_impl)
+    denoiser = FluxDenoiser(graphdef, chipmunk, backend, attention_impl, mesh)
     sigmas = flux_sigmas(steps, ni, dynamic_shift=cfg.guidance_embed)
     state = SamplerState(step=jnp.zeros((), jnp.int32), latents=x, cache=cache, rng=jax.random.fold_in(key, 1))
+    offload = parallel.offloaded_fields(chipmunk.offloading) if chipmunk is not None else frozenset()
+    if mesh is not None or offload:
+        state, params, cond = _place(state, params, cond, mesh, offload)
     state, report = EulerSampler(denoiser, schedule).run(params, cond, sigmas, state, progress=progress)
     tokens = state.latents
     if patchify_on:

@@ -24,14 +24,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from chipmunk_jax import parallel
 from chipmunk_jax.attention import sparse_attention
-from chipmunk_jax.cache import AttentionCache, init_attention_cache
+from chipmunk_jax.cache import AttentionCache
 from chipmunk_jax.config import ChipmunkConfig
-from chipmunk_jax.indices import StaticMask, layer_rng, static_video_mask
+from chipmunk_jax.indices import StaticMask, layer_rng
 from chipmunk_jax.mlp import dense_mlp
 from chipmunk_jax.reorder import unvoxelize, voxelize
 from chipmunk_jax.schedules import AttnKind, StepPlan, kind_runs
+from models.video import init_video_cache, sparse_layer_count, video_static_mask
 from models.wan.config import WanConfig
 
 # The image embedder's LayerNorms use torch's default epsilon (diffusers FP32LayerNorm default).
@@ -174,9 +177,7 @@ def post_patch_grid(cfg: WanConfig, frames: int, height: int, width: int) -> tup
 
 def sparse_layers(cfg: WanConfig, chipmunk: ChipmunkConfig | None) -> int:
     """Layers that keep a Chipmunk attention cache (0 when sparse attention is off)."""
-    if chipmunk is None or not chipmunk.attn.is_enabled:
-        return 0
-    return max(0, cfg.num_layers - chipmunk.attn.first_n_dense_layers)
+    return sparse_layer_count(cfg.num_layers, chipmunk)
 
 
 def init_wan_cache(
@@ -198,22 +199,18 @@ def init_wan_cache(
       dtype: dtype of the attention output cache and of the step-caching hidden states.
       step_caching: keep the pre-head hidden states; defaults to ``chipmunk.step_caching.is_enabled``.
     """
-    n = math.prod(grid)
-    layers = sparse_layers(cfg, chipmunk)
-    if step_caching is None:
-        step_caching = chipmunk is not None and chipmunk.step_caching.is_enabled
-    attn = None
-    if layers:
-        attn = init_attention_cache(
-            chipmunk.attn,
-            batch=batch,
-            heads=cfg.heads,
-            seq_len=n,
-            head_dim=cfg.head_dim,
-            dtype=dtype,
-            num_layers=layers,
-        )
-    return WanCache(attn=attn, hidden=jnp.zeros((batch, n, cfg.dim), dtype) if step_caching else None)
+    return init_video_cache(
+        WanCache,
+        chipmunk,
+        num_layers=cfg.num_layers,
+        heads=cfg.heads,
+        head_dim=cfg.head_dim,
+        width=cfg.dim,
+        batch=batch,
+        grid=grid,
+        dtype=dtype,
+        step_caching=step_caching,
+    )
 
 
 def wan_static_mask(
@@ -223,7 +220,7 @@ def wan_static_mask(
 
     Text is not in the self-attention sequence, so the mask has no text columns (text_len = 0).
     """
-    return static_video_mask(grid, 0, cfg.heads, chipmunk.attn, rng=rng, group=chipmunk.attn.mbm)
+    return video_static_mask(cfg.heads, chipmunk, grid, 0, rng)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -311,6 +308,7 @@ class _Kinds:
     chipmunk: ChipmunkConfig | None
     backend: str
     attention_impl: str | None
+    mesh: Mesh | None = None
 
 
 def _heads(x: jax.Array, h: int) -> jax.Array:
@@ -324,14 +322,15 @@ def self_attention(p: dict, x, cos, sin, cache, kinds: _Kinds, rng, static_mask,
     q = apply_rope(_heads(rms_norm(qkv[0], p["sa_norm_q"], eps), heads), cos, sin)  # [B, N, H, D]
     k = apply_rope(_heads(rms_norm(qkv[1], p["sa_norm_k"], eps), heads), cos, sin)
     v = _heads(qkv[2], heads)
-    if kinds.attn is AttnKind.DENSE:
-        o = dot_product_attention(q, k, v, kinds.attention_impl)
-    else:
-        t = lambda a: jnp.swapaxes(a, 1, 2)  # [B, H, N, D], the Chipmunk operator layout
-        o, cache = sparse_attention(
-            t(q),
-            t(k),
-            t(v),
+    t = lambda a: jnp.swapaxes(a, 1, 2)  # [B, N, H, D] <-> [B, H, N, D], the Chipmunk operator layout
+
+    def attend(q, k, v, cache, rng, static_mask):  # on [B, H, N, D]
+        if kinds.attn is AttnKind.DENSE:
+            return t(dot_product_attention(t(q), t(k), t(v), kinds.attention_impl)), cache
+        return sparse_attention(
+            q,
+            k,
+            v,
             cache,
             kind=kinds.attn,
             config=kinds.chipmunk,
@@ -339,6 +338,16 @@ def self_attention(p: dict, x, cos, sin, cache, kinds: _Kinds, rng, static_mask,
             rng=rng,
             static_mask=static_mask,
         )
+
+    if kinds.mesh is not None:
+        o, cache = parallel.ulysses_attention(
+            attend, t(q), t(k), t(v), cache, mesh=kinds.mesh, rng=rng, static_mask=static_mask
+        )
+        o = t(o)
+    elif kinds.attn is AttnKind.DENSE:
+        o = dot_product_attention(q, k, v, kinds.attention_impl)
+    else:
+        o, cache = attend(t(q), t(k), t(v), cache, rng, static_mask)
         o = t(o)
     b, n, h, d = o.shape
     o = o.astype(x.dtype).reshape(b, n, h * d)
@@ -468,6 +477,7 @@ class WanTransformer3D(nnx.Module):
         static_mask: StaticMask | None = None,
         channels_last: bool = False,
         attention_impl: str | None = None,
+        mesh: Mesh | None = None,
     ) -> tuple[jax.Array, WanCache]:
         """Runs the transformer: one model call, CFG branches batched on the batch axis.
 
@@ -486,6 +496,10 @@ class WanTransformer3D(nnx.Module):
             Under jit pass a StaticMask built from traced arrays rather than closing over a large numpy one.
           channels_last: layout of ``latents`` and of the output.
           attention_impl: ``implementation`` of jax.nn.dot_product_attention for the dense attention.
+          mesh: a ``parallel.make_mesh`` mesh: batch (CFG branches) split over 'cfg', video tokens over 'sp'
+            with Ulysses self-attention (heads and t*h*w divisible by sp); place the cache with
+            ``parallel.place_cache``. Cache fields chosen by ``chipmunk.config.offloading`` move between host
+            and device per layer.
 
         Returns:
           (prediction in the layout of ``latents`` with C_out channels, new cache).
@@ -519,6 +533,9 @@ class WanTransformer3D(nnx.Module):
                 f"the attention cache is {cache.attn.out.shape} [layers, B, H, N, D], this call needs {want} "
                 "(init_wan_cache with this config, CFG batch and grid)"
             )
+        if mesh is not None:
+            parallel.check_attention_shapes(mesh, b, cfg.heads, math.prod(grid))
+        offload = parallel.offloaded_fields(chipmunk.config.offloading) if chipmunk is not None else frozenset()
         x = self.patch_embedding(tokens)  # [B, N, C]
         temb, tproj = self.embed_time(timestep)
         ctx = self.text_embedder(text.astype(dt), lambda h: jax.nn.gelu(h, approximate=True))  # [B, L, C]
@@ -528,6 +545,7 @@ class WanTransformer3D(nnx.Module):
         if voxel:
             # Token order is irrelevant to dense attention; voxel order makes 192-token groups local (SPEC §3.2).
             x, cos, sin = voxelize(x, grid, axis=1), voxelize(cos, grid, axis=0), voxelize(sin, grid, axis=0)
+        x = parallel.constrain_tokens(x, mesh)
 
         params = {k: v[...] for k, v in vars(self.blocks).items() if isinstance(v, nnx.Param)}
         attn_c = cache.attn
@@ -539,6 +557,7 @@ class WanTransformer3D(nnx.Module):
                 chipmunk.config if chipmunk else None,
                 chipmunk.backend if chipmunk else "auto",
                 attention_impl,
+                mesh,
             )
             xs = (
                 _slice(params, a, e),
@@ -549,8 +568,9 @@ class WanTransformer3D(nnx.Module):
             def body(h, xs_l, run=run):
                 p, layer, c = xs_l
                 lrng = None if rng is None else layer_rng(rng, step, layer)
+                c = parallel.fetch(c, offload)
                 h, c = block(p, h, ctx, img_ctx, tproj, cos, sin, c, run, lrng, static_mask, cfg)
-                return h, c
+                return parallel.constrain_tokens(h, mesh), parallel.stash(c, offload)
 
             x, new_c = jax.lax.scan(body, x, xs)
             if sparse:
@@ -559,11 +579,14 @@ class WanTransformer3D(nnx.Module):
         if voxel:
             x = unvoxelize(x, grid, axis=1)
         new_cache = WanCache(attn=attn_c, hidden=None if cache.hidden is None else x.astype(cache.hidden.dtype))
+        new_cache = parallel.constrain_cache(new_cache, mesh=mesh, offload=offload)
         return self.unpatchify(self.head(x, temb), grid, channels_last), new_cache
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "chipmunk", "channels_last", "attention_impl"), donate_argnames=("cache",)
+    jax.jit,
+    static_argnames=("graphdef", "chipmunk", "channels_last", "attention_impl", "mesh"),
+    donate_argnames=("cache",),
 )
 def forward(
     graphdef: nnx.GraphDef,
@@ -580,12 +603,14 @@ def forward(
     static_mask: tuple[jax.Array, jax.Array] | None = None,
     channels_last: bool = False,
     attention_impl: str | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[jax.Array, WanCache]:
     """One jitted model call on ``nnx.split(model)``: the jit boundary a sampler uses (the cache is donated).
 
     Compiles once per distinct (graphdef, chipmunk run, shapes); the step index, rng and the static mask
     arrays are traced. Arguments are those of ``WanTransformer3D.__call__`` except ``static_mask``, given
     as its arrays ``(mask [H, G, N] bool, sparse_group [H, G] bool)`` so that it is not baked into the program.
+    With ``mesh``, put the inputs and cache on it first (``parallel.place_cache``; parameters replicated).
     """
     model = nnx.merge(graphdef, state)
     sm = None if static_mask is None else StaticMask(mask=static_mask[0], sparse_group=static_mask[1])
@@ -601,4 +626,5 @@ def forward(
         static_mask=sm,
         channels_last=channels_last,
         attention_impl=attention_impl,
+        mesh=mesh,
     )

@@ -1,0 +1,436 @@
+"""Generate a Wan2.1 text-to-video clip with Chipmunk: ``python -m models.wan.generate``.
+
+Writes OUT_DIR/latents.npy (final latents [B, 16, (frames-1)/4+1, H/8, W/8], the transformer's normalised
+latent space) and OUT_DIR/report.txt (per-step-kind times, compile time, attention sparsity) always; with a
+VAE (--vae or --random-vae) also the decoded video: OUT_DIR/video_<b>.mp4 through imageio-ffmpeg, or
+OUT_DIR/frames_<b>/NNNN.png with --png or when imageio-ffmpeg is not installed.
+
+Prompt embeddings, one of:
+  --embeddings FILE.npz   arrays 'prompt_embeds' [B, L, 4096] and (for guidance > 1) 'negative_prompt_embeds'
+                          [1 or B, L', 4096]: UMT5-XXL last hidden states, zero past each prompt's tokens, as
+                          diffusers' WanPipeline.encode_prompt returns them (L = 512);
+  --prompt TEXT           needs a converted UMT5 encoder (--umt5, ``python -m convert_weights umt5``) and a
+                          tokenizer directory with tokenizer.json (--tokenizer, the Wan release's tokenizer/);
+  neither                 only with --random-weights: random embeddings.
+
+Frames must be 4k+1 and height/width multiples of 16 (checked before any compute). The flow shift defaults
+to 3.0 up to 832x480 pixels and 5.0 above (Wan's 480p / 720p settings).
+
+examples:
+  # Wan2.1-T2V-1.3B, 81 frames at 832x480, 50 UniPC steps, CFG 5.0, Chipmunk with the Wan preset:
+  python -m models.wan.generate --checkpoint ckpt/wan-t2v-1.3b --embeddings prompt.npz --vae ckpt/wan-vae \\
+      --frames 81 --size 832x480 --out-dir out/
+  # from a prompt (converted UMT5 + tokenizer), the dense model for comparison:
+  python -m models.wan.generate --checkpoint ckpt/wan-t2v-1.3b --prompt "a red fox in the snow" \\
+      --umt5 ckpt/umt5 --tokenizer Wan2.1-T2V-1.3B-Diffusers/tokenizer --vae ckpt/wan-vae --dense
+  # no checkpoints: a tiny random model and VAE on CPU (seconds), or the full 1.3B architecture
+  python -m models.wan.generate --random-weights --tiny --random-vae --frames 5 --size 64x96 --steps 6
+  python -m models.wan.generate --random-weights --variant t2v-1.3b --frames 81 --size 832x480 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+EMB_COND, EMB_UNCOND = "prompt_embeds", "negative_prompt_embeds"
+TEXT_LEN = 512  # UMT5 tokens of the Wan pipelines
+FPS = 16  # Wan2.1 videos are 16 frames per second
+
+
+class UsageError(ValueError):
+    """A problem with the command line found before any compute."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m models.wan.generate",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="converted transformer directory (python -m convert_weights wan ...)")
+    src.add_argument("--random-weights", action="store_true", help="random transformer weights, no checkpoint")
+    p.add_argument("--variant", default="t2v-1.3b", choices=("t2v-1.3b", "t2v-14b"), help="for --random-weights")
+    p.add_argument("--tiny", action="store_true", help="with --random-weights: a tiny config (CPU checks)")
+    txt = p.add_mutually_exclusive_group()
+    txt.add_argument("--embeddings", help=f"prompt embeddings .npz ('{EMB_COND}', '{EMB_UNCOND}')")
+    txt.add_argument("--prompt", help="text prompt (needs --umt5 and --tokenizer)")
+    p.add_argument("--negative-prompt", default="", help="with --prompt: the CFG negative prompt (diffusers: '')")
+    p.add_argument("--umt5", help="converted UMT5 encoder directory (python -m convert_weights umt5 ...)")
+    p.add_argument("--tokenizer", help="directory with the UMT5 tokenizer.json")
+    p.add_argument("--frames", type=int, default=81, help="video frames, 4k+1 (default 81)")
+    p.add_argument("--size", default="832x480", help="WIDTHxHEIGHT in pixels, multiples of 16 (default 832x480)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=5.0, help="CFG scale; <= 1 disables CFG (default 5.0)")
+    p.add_argument("--shift", type=float, default=None, help="flow shift (default: 3.0 up to 480p, else 5.0)")
+    p.add_argument("--solver", default="unipc", choices=("unipc", "euler"), help="UniPC (Wan's) or flow Euler")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=None, help="videos per call (default: the embeddings' batch)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--chipmunk-config", help="reference chipmunk-config.yml (on top of the Wan preset)")
+    mode.add_argument("--dense", action="store_true", help="plain dense Wan (no Chipmunk, no step caching)")
+    p.add_argument("--backend", default="auto", help="Chipmunk operator backend: auto, xla, reference, mosaic_gpu")
+    p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's; bf16 for random)")
+    p.add_argument(
+        "--attention-impl",
+        default="auto",
+        choices=("auto", "xla", "cudnn"),
+        help="dense attention (jax.nn.dot_product_attention); auto: cudnn for bf16/fp16 on a GPU, else xla",
+    )
+    vae = p.add_mutually_exclusive_group()
+    vae.add_argument("--vae", help="converted Wan VAE directory (python -m convert_weights wan-vae ...)")
+    vae.add_argument("--random-vae", action="store_true", help="a random VAE (tiny with --tiny) to test decoding")
+    p.add_argument("--png", action="store_true", help="write PNG frames instead of an MP4")
+    p.add_argument("--fps", type=int, default=FPS)
+    p.add_argument("--out-dir", default="wan_out", help="output directory (created)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """'WIDTHxHEIGHT' -> (width, height)."""
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--size must be WIDTHxHEIGHT, e.g. 832x480; got {size!r}") from None
+    return w, h
+
+
+def _model_config(args):
+    from models.wan.config import CONFIGS, WanConfig, tiny_config
+
+    if args.checkpoint:
+        if args.tiny:
+            raise UsageError("--tiny only goes with --random-weights")
+        from convert_weights.common import read_manifest
+
+        if not os.path.isdir(args.checkpoint):
+            raise UsageError(f"checkpoint directory {args.checkpoint} does not exist")
+        try:
+            manifest = read_manifest(args.checkpoint)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(str(e)) from e
+        if manifest.get("model") != "wan":
+            raise UsageError(f"{args.checkpoint} holds a {manifest.get('model')!r} checkpoint, not a Wan transformer")
+        cfg = WanConfig.from_dict(manifest["config"])
+        if cfg.is_i2v:
+            raise UsageError(f"{args.checkpoint} is an image-to-video model; this CLI generates from text only")
+        return cfg, manifest.get("dtype", "bfloat16")
+    return (tiny_config() if args.tiny else CONFIGS[args.variant]), "bfloat16"
+
+
+def _embeddings(args, cfg, use_cfg: bool):
+    """(cond [B, L, D], uncond [1|B, L', D] or None) as float32 numpy, or None when --prompt encodes later."""
+    if args.prompt is not None:
+        missing = [f for f in ("umt5", "tokenizer") if getattr(args, f) is None]
+        if missing:
+            raise UsageError(f"--prompt needs {', '.join('--' + m for m in missing)} (a converted UMT5 and tokenizer)")
+        for name in ("umt5", "tokenizer"):
+            if not os.path.isdir(getattr(args, name)):
+                raise UsageError(f"--{name} directory {getattr(args, name)} does not exist")
+        return None
+    if args.embeddings is None:
+        if not args.random_weights:
+            raise UsageError("give --embeddings or --prompt (random embeddings only with --random-weights)")
+        rng = np.random.default_rng(args.seed)
+        b = args.batch or 1
+        length = 16 if args.tiny else TEXT_LEN
+        cond = rng.standard_normal((b, length, cfg.text_dim)).astype(np.float32)
+        return cond, rng.standard_normal((1, length, cfg.text_dim)).astype(np.float32)
+    if not os.path.exists(args.embeddings):
+        raise UsageError(f"embeddings file {args.embeddings} does not exist")
+    with np.load(args.embeddings) as data:
+        if EMB_COND not in data:
+            raise UsageError(f"{args.embeddings} lacks '{EMB_COND}'; it has {sorted(data.files)}")
+        cond = data[EMB_COND].astype(np.float32)
+        uncond = data[EMB_UNCOND].astype(np.float32) if EMB_UNCOND in data else None
+    if cond.ndim != 3 or cond.shape[2] != cfg.text_dim:
+        raise UsageError(f"'{EMB_COND}' must be [B, L, {cfg.text_dim}], got {cond.shape}")
+    if use_cfg and uncond is None:
+        raise UsageError(f"guidance {args.guidance} > 1 needs '{EMB_UNCOND}' in {args.embeddings} (or --guidance 1)")
+    if uncond is not None and (uncond.ndim != 3 or uncond.shape[0] not in (1, cond.shape[0])):
+        raise UsageError(f"'{EMB_UNCOND}' must be [1 or {cond.shape[0]}, L, {cfg.text_dim}], got {uncond.shape}")
+    if uncond is not None and uncond.shape[2] != cfg.text_dim:
+        raise UsageError(f"'{EMB_UNCOND}' must be [1 or {cond.shape[0]}, L, {cfg.text_dim}], got {uncond.shape}")
+    b = args.batch or cond.shape[0]
+    if cond.shape[0] not in (1, b):
+        raise UsageError(f"--batch {b} does not match the embeddings' batch {cond.shape[0]}")
+    if cond.shape[0] == 1 and b > 1:
+        cond = np.repeat(cond, b, 0)
+    return cond, uncond
+
+
+def _chipmunk(args):
+    import chipmunk_jax
+
+    if args.dense:
+        return None
+    if args.chipmunk_config:
+        if not os.path.exists(args.chipmunk_config):
+            raise UsageError(f"chipmunk config {args.chipmunk_config} does not exist")
+        try:
+            ck = chipmunk_jax.load_config(args.chipmunk_config, base="wan")
+        except ValueError as e:
+            raise UsageError(f"{args.chipmunk_config}: {e}") from e
+        if ck.mlp.is_enabled:
+            raise UsageError("Wan sparsifies self-attention only: set mlp.is_enabled: false in the Chipmunk config")
+        return ck
+    return chipmunk_jax.preset("wan")
+
+
+def _vae_available():
+    """The models.vae.wan_vae module, or None when it is not in this installation."""
+    try:
+        import models.vae.wan_vae as wan_vae
+    except ImportError:
+        return None
+    return wan_vae
+
+
+def prepare(args):
+    """Checks everything that needs no compute; returns (cfg, dtype, chipmunk, (width, height), embeddings)."""
+    from models.wan.sampling import latent_size
+    from models.wan.transformer import post_patch_grid
+
+    width, height = parse_size(args.size)
+    try:
+        latent = latent_size(args.frames, height, width)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    for name in ("steps", "batch", "fps"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise UsageError(f"--{name} must be >= 1, got {v}")
+    if args.random_vae and not args.random_weights:
+        raise UsageError("--random-vae only goes with --random-weights (use --vae DIR with a checkpoint)")
+    if args.vae and not os.path.isdir(args.vae):
+        raise UsageError(f"VAE directory {args.vae} does not exist")
+    if (args.vae or args.random_vae) and _vae_available() is None:
+        raise UsageError("models.vae.wan_vae is not available in this installation: drop --vae (latents only)")
+    cfg, dtype = _model_config(args)
+    try:
+        post_patch_grid(cfg, *latent)
+    except ValueError as e:
+        raise UsageError(f"--frames/--size: {e}") from e
+    if args.vae:
+        from convert_weights.common import read_manifest
+
+        try:
+            vm = read_manifest(args.vae)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--vae: {e}") from e
+        if vm.get("model") != "wan_vae":
+            raise UsageError(f"{args.vae} holds a {vm.get('model')!r} checkpoint, not a Wan VAE")
+        if vm["config"].get("z_dim") != cfg.out_channels:
+            raise UsageError(f"the VAE has {vm['config'].get('z_dim')} latent channels, the model {cfg.out_channels}")
+    chipmunk = _chipmunk(args)
+    emb = _embeddings(args, cfg, args.guidance > 1.0)
+    return cfg, (args.dtype or dtype), chipmunk, (width, height), emb
+
+
+def numpy_random(make, seed: int = 0):
+    """The module ``make()`` builds, with weights drawn by numpy on its abstract shapes (no jax.random).
+
+    For small models: compiling jax.random initialisers for every parameter takes far longer on a CPU than
+    drawing the numbers. Norm scales get 1 + noise, other vectors small noise, matrices N(0, 1/last_dim).
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(nnx.eval_shape(make))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, x):
+        name = jax.tree_util.keystr(path).lower()
+        if x.ndim >= 2 and "norm" not in name:
+            a = rng.standard_normal(x.shape) / np.sqrt(x.shape[-1])
+        elif "norm" in name or "gamma" in name or "scale" in name:
+            a = 1.0 + 0.1 * rng.standard_normal(x.shape)
+        else:
+            a = 0.02 * rng.standard_normal(x.shape)
+        return jnp.asarray(a, x.dtype)
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
+
+
+def random_model(cfg, dtype, seed: int = 0, *, host: bool | None = None):
+    """A WanTransformer3D with random weights: one jitted initialisation, or numpy draws (``host``; default
+    for models under 100M parameters)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from models.wan.transformer import WanTransformer3D
+
+    make = lambda: WanTransformer3D(cfg, rngs=nnx.Rngs(seed), dtype=jnp.dtype(dtype))
+    if host is None:
+        host = cfg.num_layers * (4 * cfg.dim * cfg.dim + 2 * cfg.dim * cfg.ffn_dim) < 100_000_000
+    return numpy_random(make, seed) if host else nnx.jit(make)()
+
+
+def encode_prompts(encoder, tokenizer, prompts: list[str]):
+    """UMT5 embeddings [B, L, D] float32 as diffusers' WanPipeline: hidden states zeroed past each prompt's tokens.
+
+    Args:
+      encoder: ``models.text_encoders.t5.T5Encoder`` with the UMT5 config.
+      tokenizer: ``models.text_encoders.tokenizers.TextTokenizer`` padding to the Wan length (512).
+      prompts: the prompts.
+    """
+    import jax.numpy as jnp
+
+    tok = tokenizer(prompts)
+    mask = jnp.asarray(tok.attention_mask)
+    hidden = encoder(jnp.asarray(tok.input_ids), mask).astype(jnp.float32)
+    return hidden * (mask != 0).astype(jnp.float32)[:, :, None]
+
+
+def _prompt_embeddings(args, batch: int):
+    import jax.numpy as jnp
+
+    from convert_weights.umt5 import load as load_umt5
+    from models.text_encoders.tokenizers import load_t5_tokenizer
+
+    encoder = load_umt5(args.umt5)
+    tokenizer = load_t5_tokenizer(args.tokenizer, TEXT_LEN)
+    # diffusers' prompt_clean collapses whitespace (and fixes mojibake with ftfy, which is not done here).
+    clean = lambda p: " ".join(p.split())
+    cond = encode_prompts(encoder, tokenizer, [clean(args.prompt)] * batch)
+    uncond = encode_prompts(encoder, tokenizer, [clean(args.negative_prompt)])
+    return np.asarray(cond, np.float32), np.asarray(uncond.astype(jnp.float32))
+
+
+def to_uint8_frames(video) -> np.ndarray:
+    """Decoded video [B, 3, T, H, W] in [-1, 1] -> uint8 [B, T, H, W, 3]."""
+    v = np.asarray(video, np.float32)
+    v = np.clip((v + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    return np.moveaxis(v, 1, -1)
+
+
+def write_video(frames: np.ndarray, path: str | os.PathLike, fps: int = FPS) -> Path:
+    """Writes uint8 frames [T, H, W, 3] as an H.264 MP4 through imageio-ffmpeg."""
+    import imageio_ffmpeg
+
+    t, h, w, _ = frames.shape
+    writer = imageio_ffmpeg.write_frames(
+        str(path), (w, h), fps=fps, codec="libx264", pix_fmt_in="rgb24", macro_block_size=1, quality=8
+    )
+    writer.send(None)
+    for f in frames:
+        writer.send(np.ascontiguousarray(f))
+    writer.close()
+    return Path(path)
+
+
+def write_pngs(frames: np.ndarray, directory: str | os.PathLike) -> Path:
+    """Writes uint8 frames [T, H, W, 3] as directory/0000.png, 0001.png, ..."""
+    from PIL import Image
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(d / f"{i:04d}.png")
+    return d
+
+
+def _have_ffmpeg() -> bool:
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
+def _decode(args, cfg, latents):
+    wan_vae = _vae_available()
+    if args.vae:
+        vae = wan_vae.load(args.vae)
+    else:
+        import jax.numpy as jnp
+        from flax import nnx
+
+        vcfg = wan_vae.WAN_VAE_TINY if args.tiny else wan_vae.WanVAEConfig()
+        vae = numpy_random(lambda: wan_vae.WanVAE(vcfg, rngs=nnx.Rngs(args.seed), dtype=jnp.float32), args.seed)
+    if vae.config.z_dim != cfg.out_channels:
+        raise UsageError(f"the VAE has {vae.config.z_dim} latent channels, the transformer {cfg.out_channels}")
+    return wan_vae.decode(vae, latents)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        cfg, dtype, chipmunk, (width, height), emb = prepare(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import jax.numpy as jnp
+
+    from convert_weights.wan import load
+    from models.flux.sampling import default_attention_impl
+    from models.wan.sampling import default_shift, generate
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if emb is None:
+        emb = _prompt_embeddings(args, args.batch or 1)
+    cond, uncond = emb
+    model = load(args.checkpoint, dtype=dtype) if args.checkpoint else random_model(cfg, dtype, args.seed)
+    impl = default_attention_impl(model.dtype) if args.attention_impl == "auto" else args.attention_impl
+    shift = default_shift(height, width) if args.shift is None else args.shift
+    gen = generate(
+        model,
+        jnp.asarray(cond),
+        None if uncond is None else jnp.asarray(uncond),
+        frames=args.frames,
+        height=height,
+        width=width,
+        steps=args.steps,
+        guidance=args.guidance,
+        shift=shift,
+        solver=args.solver,
+        seed=args.seed,
+        chipmunk=chipmunk,
+        backend=args.backend,
+        attention_impl=impl,
+        progress=not args.no_progress,
+    )
+    np.save(out / "latents.npy", np.asarray(gen.latents, np.float32))
+    mode = "dense" if chipmunk is None else "chipmunk"
+    head = (
+        f"{mode} Wan2.1 ({'tiny random' if args.tiny else args.checkpoint or args.variant + ' random'}), "
+        f"{args.frames} frames {width}x{height}, {args.steps} {args.solver} steps, shift {shift}, "
+        f"guidance {args.guidance}, seed {args.seed}"
+    )
+    text = head + "\n" + gen.report.format()
+    (out / "report.txt").write_text(text + "\n")
+    print(text)
+    print(f"wrote {out / 'latents.npy'} {tuple(gen.latents.shape)}")
+    if not (args.vae or args.random_vae):
+        print("no VAE given (--vae DIR or --random-vae): latents only")
+        return 0
+    try:
+        frames = to_uint8_frames(_decode(args, cfg, gen.latents))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    use_png = args.png or not _have_ffmpeg()
+    if use_png and not args.png:
+        print("imageio-ffmpeg is not installed: writing PNG frames instead of an MP4")
+    for b, video in enumerate(frames):
+        path = (
+            write_pngs(video, out / f"frames_{b}") if use_png else write_video(video, out / f"video_{b}.mp4", args.fps)
+        )
+        print(f"wrote {path} ({video.shape[0]} frames {video.shape[2]}x{video.shape[1]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

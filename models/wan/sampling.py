@@ -1,0 +1,282 @@
+"""Wan2.1 text-to-video sampling: CFG on the batch axis, UniPC / flow Euler, Chipmunk step kinds, step caching.
+
+The generation runs through ``chipmunk_jax.sampler.EulerSampler`` with a Wan solver (``models.wan.scheduler``):
+one step function is compiled per distinct ``StepPlan`` (warm-up, mask, sparse, skip for the Wan preset) and
+reused for every step of that kind. A step is one model call on the batch [cond; uncond] (2B, cond first,
+as ``WanTransformer3D`` expects): each CFG branch has its own slice of every cache, the step kinds are shared
+(SPEC §1.6). On a step skipped by step caching (SPEC §4) only ``model.final_layer`` runs, on the hidden states
+both branches recorded at their latest computed step; the solver update runs as usual.
+
+Latents stay in the diffusers / VAE layout [B, C, F, H, W] (float32) throughout; the voxel reordering of the
+video tokens happens inside the transformer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from chipmunk_jax.config import AttnConfig, ChipmunkConfig, MLPConfig
+from chipmunk_jax.indices import StaticMask
+from chipmunk_jax.sampler import EulerSampler, Report, SamplerState
+from chipmunk_jax.schedules import step_kinds
+from models.wan.scheduler import SOLVERS, flow_sigmas
+from models.wan.transformer import (
+    ChipmunkRun,
+    WanCache,
+    WanTransformer3D,
+    init_wan_cache,
+    post_patch_grid,
+    wan_static_mask,
+)
+
+# The Wan VAE compresses time by 4 (first frame kept) and space by 8; the transformer patch adds 2 x 2.
+VAE_TEMPORAL, VAE_SPATIAL = 4, 8
+PIXEL_MULTIPLE = 16
+
+
+def latent_size(frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """Latent (F, H, W) of a video of ``frames`` x ``height`` x ``width`` pixels; raises ValueError if invalid.
+
+    Frames must be 4k + 1 (the VAE keeps the first frame and compresses the rest in groups of 4); height and
+    width must be multiples of 16 (VAE 8 x patch 2). The message names the nearest valid values.
+    """
+    problems = []
+    if frames < 1 or (frames - 1) % VAE_TEMPORAL:
+        lo = max(1, (frames - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1)
+        problems.append(f"frames {frames} is not 4k+1 (nearest valid: {lo} or {lo + VAE_TEMPORAL})")
+    for name, v in (("height", height), ("width", width)):
+        if v <= 0 or v % PIXEL_MULTIPLE:
+            lo = max(PIXEL_MULTIPLE, v // PIXEL_MULTIPLE * PIXEL_MULTIPLE)
+            hi = max(PIXEL_MULTIPLE, -(-v // PIXEL_MULTIPLE) * PIXEL_MULTIPLE)
+            near = f"{lo}" if lo == hi else f"{lo} or {hi}"
+            problems.append(f"{name} {v} is not a multiple of {PIXEL_MULTIPLE} (nearest valid: {near})")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return (frames - 1) // VAE_TEMPORAL + 1, height // VAE_SPATIAL, width // VAE_SPATIAL
+
+
+def default_shift(height: int, width: int) -> float:
+    """Wan's flow shift: 3.0 up to 480p-sized videos (832 x 480 pixels), 5.0 above (720p)."""
+    return 3.0 if height * width <= 832 * 480 else 5.0
+
+
+@flax.struct.dataclass
+class WanCond:
+    """Per-generation conditioning (traced: new prompts or guidance do not recompile).
+
+    Attributes:
+      text: [B', L, text_dim] UMT5 embeddings; B' = 2B with CFG (cond rows first, then uncond), else B.
+      guidance: float32 [] guidance scale (unused without CFG).
+      static_mask: (mask [H, G, N] bool, sparse_group [H, G] bool) of the Chipmunk static mask, or None.
+    """
+
+    text: jax.Array
+    guidance: jax.Array
+    static_mask: tuple[jax.Array, jax.Array] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class WanDenoiser:
+    """The guided Wan velocity for ``chipmunk_jax.sampler`` (static and hashable: holds the graphdef).
+
+    Attributes:
+      graphdef: ``nnx.split(model)[0]``.
+      chipmunk: the Chipmunk config, or None for the dense model.
+      cfg: classifier-free guidance on (one model call on the 2B batch [cond; uncond]).
+      backend: Chipmunk operator backend.
+      attention_impl: ``implementation`` of jax.nn.dot_product_attention for dense attention.
+    """
+
+    graphdef: Any
+    chipmunk: ChipmunkConfig | None = None
+    cfg: bool = True
+    backend: str = "auto"
+    attention_impl: str | None = None
+
+    def _guide(self, out: jax.Array, guidance: jax.Array) -> jax.Array:
+        out = out.astype(jnp.float32)
+        if not self.cfg:
+            return out
+        b = out.shape[0] // 2
+        cond, uncond = out[:b], out[b:]
+        return uncond + guidance * (cond - uncond)
+
+    def _batch(self, latents: jax.Array) -> jax.Array:
+        return jnp.concatenate([latents, latents]) if self.cfg else latents
+
+    def velocity(self, params, cond: WanCond, latents, timestep, cache: WanCache, rng, step, plan):
+        """Guided velocity [B, C, F, H, W] float32 at the model ``timestep`` and the new cache (a computed step)."""
+        model: WanTransformer3D = nnx.merge(self.graphdef, params)
+        x = self._batch(latents)
+        run = None
+        if self.chipmunk is not None and self.chipmunk.attn.is_enabled:
+            run = ChipmunkRun(self.chipmunk, plan, self.backend)
+        sm = (
+            None if cond.static_mask is None else StaticMask(mask=cond.static_mask[0], sparse_group=cond.static_mask[1])
+        )
+        ts = jnp.full((x.shape[0],), timestep, jnp.float32)
+        out, cache = model(
+            x,
+            ts,
+            cond.text,
+            cache,
+            chipmunk=run,
+            rng=rng,
+            step=step,
+            static_mask=sm,
+            attention_impl=self.attention_impl,
+        )
+        return self._guide(out, cond.guidance), cache
+
+    def skip_velocity(self, params, cond: WanCond, latents, timestep, cache: WanCache):
+        """Velocity of a skipped step: the output head on each branch's cached hidden states (SPEC §4)."""
+        model: WanTransformer3D = nnx.merge(self.graphdef, params)
+        if cache.hidden is None:
+            raise ValueError("a skipped step needs cache.hidden (init_wan_cache(..., step_caching=True))")
+        grid = post_patch_grid(model.cfg, *latents.shape[2:])
+        ts = jnp.full((cache.hidden.shape[0],), timestep, jnp.float32)
+        return self._guide(model.final_layer(cache.hidden, ts, grid), cond.guidance)
+
+    def stats(self, cache: WanCache) -> dict[str, float]:
+        """Achieved attention density on sparse steps (keys computed per query group / keys), both branches."""
+        attn = cache.attn
+        if attn is None or self.chipmunk is None:
+            return {}
+        n = attn.out.shape[-2]
+        if attn.mask_bits is not None:
+            pop = jnp.sum(jax.lax.population_count(attn.mask_bits).astype(jnp.int32), axis=-1)
+            m = self.chipmunk.attn.counts_multiple_of
+            counts = jnp.minimum(-(-pop // m) * m, n)
+        elif attn.counts is not None:
+            counts = attn.counts
+        else:
+            return {}
+        density = float(jnp.mean(counts.astype(jnp.float32))) / n
+        return {"attention density (keys kept / keys)": density, "attention sparsity": 1.0 - density}
+
+
+def _dense_plan_config() -> ChipmunkConfig:
+    return ChipmunkConfig(attn=AttnConfig(is_enabled=False), mlp=MLPConfig(is_enabled=False))
+
+
+@dataclasses.dataclass
+class WanGeneration:
+    """Result of ``generate``: final latents [B, C, F, H, W] float32 (unnormalised VAE latents), the report."""
+
+    latents: jax.Array
+    report: Report
+    state: SamplerState
+
+
+def _pad_tokens(x: np.ndarray | jax.Array, length: int) -> jax.Array:
+    x = jnp.asarray(x, jnp.float32)
+    return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0)))
+
+
+def generate(
+    model: WanTransformer3D,
+    text: jax.Array,
+    negative_text: jax.Array | None = None,
+    *,
+    frames: int,
+    height: int,
+    width: int,
+    steps: int = 50,
+    guidance: float = 5.0,
+    shift: float | None = None,
+    solver: str | Any = "unipc",
+    seed: int = 0,
+    chipmunk: ChipmunkConfig | None = None,
+    backend: str = "auto",
+    attention_impl: str | None = None,
+    noise: jax.Array | None = None,
+    progress: bool = True,
+) -> WanGeneration:
+    """Samples Wan2.1 text-to-video latents with CFG, UniPC (or flow Euler) and optionally Chipmunk.
+
+    Args:
+      model: a T2V ``WanTransformer3D``.
+      text: [B, L, text_dim] UMT5 prompt embeddings (diffusers pads them with zeros to 512 tokens).
+      negative_text: [B or 1, L', text_dim] negative-prompt embeddings; required when ``guidance > 1``
+        (CFG on, as in diffusers). Both are zero-padded to the longer length.
+      frames, height, width: video size in pixels (frames 4k+1, height/width multiples of 16).
+      steps: denoising steps.
+      guidance: CFG scale; <= 1 runs the conditional branch only.
+      shift: flow shift (default ``default_shift(height, width)``: 5.0 at 720p, 3.0 at 480p).
+      solver: 'unipc' (Wan's default), 'euler', or a solver object (``models.wan.scheduler``).
+      seed: initial noise (numpy ``default_rng(seed)``) and the per-(step, layer) random keys of Chipmunk.
+      chipmunk: Chipmunk config (``chipmunk_jax.preset('wan')``), or None for the dense model. Its
+        step_caching section is honoured; its MLP section must be disabled (Wan sparsifies self-attention only).
+      backend: Chipmunk operator backend.
+      attention_impl: jax.nn.dot_product_attention implementation for dense attention.
+      noise: optional initial noise [B, C_in, F_lat, H/8, W/8] instead of one drawn from ``seed``.
+      progress: tqdm progress bar.
+
+    Returns:
+      A WanGeneration.
+    """
+    cfg = model.cfg
+    if cfg.is_i2v:
+        raise ValueError("generate() is text-to-video; this model is I2V (image conditioning is not wired yet)")
+    f, h, w = latent_size(frames, height, width)
+    post_patch_grid(cfg, f, h, w)
+    if chipmunk is not None and chipmunk.mlp.is_enabled:
+        raise ValueError("Wan sparsifies self-attention only: set mlp.is_enabled = false in the Chipmunk config")
+    if text.ndim != 3 or text.shape[2] != cfg.text_dim:
+        raise ValueError(f"text must be [B, L, {cfg.text_dim}], got {text.shape}")
+    b = text.shape[0]
+    use_cfg = guidance > 1.0
+    if use_cfg:
+        if negative_text is None:
+            raise ValueError(f"guidance {guidance} > 1 needs negative_text (CFG); pass guidance <= 1 to disable CFG")
+        if negative_text.ndim != 3 or negative_text.shape[0] not in (1, b) or negative_text.shape[2] != cfg.text_dim:
+            raise ValueError(f"negative_text must be [1 or {b}, L, {cfg.text_dim}], got {negative_text.shape}")
+        length = max(text.shape[1], negative_text.shape[1])
+        neg = jnp.broadcast_to(_pad_tokens(negative_text, length), (b, length, cfg.text_dim))
+        ctx = jnp.concatenate([_pad_tokens(text, length), neg])
+    else:
+        ctx = jnp.asarray(text, jnp.float32)
+    if isinstance(solver, str):
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)} or pass a solver object")
+        solver = SOLVERS[solver]
+    shift = default_shift(height, width) if shift is None else shift
+    tables = solver.tables(*flow_sigmas(steps, shift))
+
+    key = jax.random.key(seed)
+    if noise is None:
+        # numpy's generator: the same noise on every platform, and nothing to compile.
+        noise = np.random.default_rng(seed).standard_normal((b, cfg.in_channels, f, h, w), np.float32)
+    if noise.shape != (b, cfg.in_channels, f, h, w):
+        raise ValueError(f"noise must be {(b, cfg.in_channels, f, h, w)}, got {noise.shape}")
+    x = jnp.array(noise, jnp.float32, copy=True)  # the state is donated; never hand over the caller's array
+
+    grid = post_patch_grid(cfg, f, h, w)
+    dt = model.dtype
+    sm = None
+    if chipmunk is not None and chipmunk.attn.is_enabled:
+        mask = wan_static_mask(cfg, chipmunk, grid, jax.random.fold_in(key, 1_000_000))
+        sm = (jnp.asarray(mask.mask), jnp.asarray(mask.sparse_group))
+    cond = WanCond(text=ctx.astype(dt), guidance=jnp.asarray(guidance, jnp.float32), static_mask=sm)
+    plan_cfg = chipmunk if chipmunk is not None else _dense_plan_config()
+    schedule = step_kinds(plan_cfg, steps, cfg.num_layers)
+    batch = 2 * b if use_cfg else b
+    cache = init_wan_cache(cfg, chipmunk, batch=batch, grid=grid, dtype=dt)
+    graphdef, params = nnx.split(model)
+    denoiser = WanDenoiser(graphdef, chipmunk, use_cfg, backend, attention_impl)
+    state = SamplerState(
+        step=jnp.zeros((), jnp.int32),
+        latents=x,
+        cache=cache,
+        rng=jax.random.fold_in(key, 1),
+        solver=solver.init_state(x),
+    )
+    state, report = EulerSampler(denoiser, schedule, solver).run(params, cond, tables, state, progress=progress)
+    return WanGeneration(latents=state.latents, report=report, state=state)
