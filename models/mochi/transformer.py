@@ -30,12 +30,13 @@ import numpy as np
 from flax import nnx
 
 from chipmunk_jax.attention import sparse_attention
-from chipmunk_jax.cache import AttentionCache, init_attention_cache
+from chipmunk_jax.cache import AttentionCache
 from chipmunk_jax.config import ChipmunkConfig
-from chipmunk_jax.indices import StaticMask, layer_rng, static_video_mask
+from chipmunk_jax.indices import StaticMask, layer_rng
 from chipmunk_jax.reorder import unvoxelize, voxelize
 from chipmunk_jax.schedules import AttnKind, StepPlan, kind_runs
 from models.mochi.config import MochiConfig
+from models.video import init_video_cache, sparse_layer_count, video_static_mask
 from models.wan.transformer import Linear, TwoLayerMLP, layer_norm, rms_norm, timestep_embedding
 
 # MochiRoPE centres the h/w positions on a grid whose area is rescaled to 192 x 192 (resolution-independent scale).
@@ -167,9 +168,7 @@ def post_patch_grid(cfg: MochiConfig, frames: int, height: int, width: int) -> t
 
 def sparse_layers(cfg: MochiConfig, chipmunk: ChipmunkConfig | None) -> int:
     """Layers that keep a Chipmunk attention cache (0 when sparse attention is off)."""
-    if chipmunk is None or not chipmunk.attn.is_enabled:
-        return 0
-    return max(0, cfg.num_layers - chipmunk.attn.first_n_dense_layers)
+    return sparse_layer_count(cfg.num_layers, chipmunk)
 
 
 def init_mochi_cache(
@@ -193,29 +192,26 @@ def init_mochi_cache(
       dtype: dtype of the attention output cache and of the step-caching hidden states.
       step_caching: keep the pre-head hidden states; defaults to ``chipmunk.step_caching.is_enabled``.
     """
-    n = math.prod(grid)
-    layers = sparse_layers(cfg, chipmunk)
-    if step_caching is None:
-        step_caching = chipmunk is not None and chipmunk.step_caching.is_enabled
-    attn = None
-    if layers:
-        attn = init_attention_cache(
-            chipmunk.attn,
-            batch=batch,
-            heads=cfg.heads,
-            seq_len=n + text_len,
-            head_dim=cfg.head_dim,
-            dtype=dtype,
-            num_layers=layers,
-        )
-    return MochiCache(attn=attn, hidden=jnp.zeros((batch, n, cfg.dim), dtype) if step_caching else None)
+    return init_video_cache(
+        MochiCache,
+        chipmunk,
+        num_layers=cfg.num_layers,
+        heads=cfg.heads,
+        head_dim=cfg.head_dim,
+        width=cfg.dim,
+        batch=batch,
+        grid=grid,
+        text_len=text_len,
+        dtype=dtype,
+        step_caching=step_caching,
+    )
 
 
 def mochi_static_mask(
     cfg: MochiConfig, chipmunk: ChipmunkConfig, grid: tuple[int, int, int], text_len: int, rng: jax.Array | None
 ) -> StaticMask:
     """The static part of the compressed key mask over [video in voxel order; text_len text] (SPEC §1.3)."""
-    return static_video_mask(grid, text_len, cfg.heads, chipmunk.attn, rng=rng, group=chipmunk.attn.mbm)
+    return video_static_mask(cfg.heads, chipmunk, grid, text_len, rng)
 
 
 def rope_positions(grid: tuple[int, int, int]) -> np.ndarray:
