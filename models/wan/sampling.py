@@ -14,6 +14,7 @@ video tokens happens inside the transformer.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.struct
@@ -21,7 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from chipmunk_jax import parallel
 from chipmunk_jax.config import AttnConfig, ChipmunkConfig, MLPConfig
 from chipmunk_jax.indices import StaticMask
 from chipmunk_jax.sampler import EulerSampler, Report, SamplerState
@@ -92,6 +95,7 @@ class WanDenoiser:
       cfg: classifier-free guidance on (one model call on the 2B batch [cond; uncond]).
       backend: Chipmunk operator backend.
       attention_impl: ``implementation`` of jax.nn.dot_product_attention for dense attention.
+      mesh: ``chipmunk_jax.parallel.make_mesh`` mesh (CFG branches over 'cfg', video tokens over 'sp'), or None.
     """
 
     graphdef: Any
@@ -99,6 +103,7 @@ class WanDenoiser:
     cfg: bool = True
     backend: str = "auto"
     attention_impl: str | None = None
+    mesh: Mesh | None = None
 
     def _guide(self, out: jax.Array, guidance: jax.Array) -> jax.Array:
         out = out.astype(jnp.float32)
@@ -132,6 +137,7 @@ class WanDenoiser:
             step=step,
             static_mask=sm,
             attention_impl=self.attention_impl,
+            mesh=self.mesh,
         )
         return self._guide(out, cond.guidance), cache
 
@@ -198,6 +204,7 @@ def generate(
     attention_impl: str | None = None,
     noise: jax.Array | None = None,
     progress: bool = True,
+    mesh: Mesh | None = None,
 ) -> WanGeneration:
     """Samples Wan2.1 text-to-video latents with CFG, UniPC (or flow Euler) and optionally Chipmunk.
 
@@ -218,6 +225,9 @@ def generate(
       attention_impl: jax.nn.dot_product_attention implementation for dense attention.
       noise: optional initial noise [B, C_in, F_lat, H/8, W/8] instead of one drawn from ``seed``.
       progress: tqdm progress bar.
+      mesh: a ``chipmunk_jax.parallel.make_mesh(cfg=..., sp=...)`` mesh: the model batch (2B with CFG: the two
+        branches) is split over 'cfg', video tokens over 'sp' (Ulysses attention), caches by heads/tokens.
+        Independently of the mesh, cache fields chosen by ``chipmunk.offloading`` are kept in host memory.
 
     Returns:
       A WanGeneration.
@@ -268,9 +278,16 @@ def generate(
     plan_cfg = chipmunk if chipmunk is not None else _dense_plan_config()
     schedule = step_kinds(plan_cfg, steps, cfg.num_layers)
     batch = 2 * b if use_cfg else b
+    if mesh is not None:
+        parallel.check_attention_shapes(mesh, batch, cfg.heads, math.prod(grid))
     cache = init_wan_cache(cfg, chipmunk, batch=batch, grid=grid, dtype=dt)
+    offload = parallel.offloaded_fields(chipmunk.offloading if chipmunk is not None else None)
+    cache = parallel.place_cache(cache, mesh=mesh, offload=offload)
     graphdef, params = nnx.split(model)
-    denoiser = WanDenoiser(graphdef, chipmunk, use_cfg, backend, attention_impl)
+    if mesh is not None:
+        # Parameters, conditioning and the (small) latents replicated; the model shards its activations.
+        params, cond, x = jax.device_put((params, cond, x), parallel.replicated(mesh))
+    denoiser = WanDenoiser(graphdef, chipmunk, use_cfg, backend, attention_impl, mesh)
     state = SamplerState(
         step=jnp.zeros((), jnp.int32),
         latents=x,

@@ -98,6 +98,11 @@ def test_short_training_reduces_the_loss(tmp_path):
     loaded, meta = tm.load_checkpoint(out)
     assert meta["command"] == "test" and meta["flux_config"] == cfg.to_dict()
     np.testing.assert_allclose(held_out(loaded), after, rtol=2e-2)  # float16 storage
+    # Continuing from the checkpoint (train --init) starts from its weights: one more step stays near them.
+    more, hist2 = tt.train(cfg, tc, budget_s=600.0, max_steps=1, progress=False, log_every=0, init=loaded)
+    assert hist2["steps"] == 1 and held_out(more) < 0.9 * before
+    with pytest.raises(ValueError, match="config"):
+        tt.train(tm.tiny_flux_config_for(64, 1, 0), tc, budget_s=1.0, max_steps=1, progress=False, init=loaded)
 
 
 def _random_tiny():

@@ -420,3 +420,24 @@ def test_generate_matches_diffusers_wan_pipeline(setup):
         progress=False,
     )
     assert _rel(got.latents, want.numpy()) <= 1e-5
+
+
+def test_sampling_on_a_mesh_matches_one_device(setup):
+    """CFG branches over 'cfg' and Ulysses over 'sp' (2 x 2 of the 8 CPU devices): the same latents and masks."""
+    from chipmunk_jax import parallel
+
+    base = cj.preset("wan")
+    attn = dataclasses.replace(
+        base.attn, top_keys=0.3, counts_multiple_of=16, local_voxels=1, full_step_schedule=frozenset({0, 1})
+    )
+    chip = base.replace(attn=attn, step_caching=cj.StepCachingConfig(is_enabled=True, skip_step_schedule=SKIP))
+    mesh = parallel.make_mesh(cfg=2, sp=2)
+    one = _run(setup, chip, backend="xla")
+    sharded = _run(setup, chip, backend="xla", mesh=mesh)
+    assert "skip" in sharded.report.step_times and any("attn=sparse" in k for k in sharded.report.step_times)
+    assert _rel(sharded.latents, one.latents) <= 1e-5
+    got, want = sharded.state.cache.attn, one.state.cache.attn
+    np.testing.assert_array_equal(np.asarray(got.mask_bits), np.asarray(want.mask_bits))
+    assert got.out.sharding.spec[1:3] == ("cfg", "sp")  # [L, B, H, ...]: branches and heads split
+    with pytest.raises(ValueError, match="heads"):
+        _run(setup, chip, backend="xla", mesh=parallel.make_mesh(cfg=1, sp=8))
