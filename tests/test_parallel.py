@@ -369,3 +369,24 @@ def test_memory_nbytes_splits_host_and_device():
     assert mem["host"] == 2 * 4 * 64 * 8 * 4
     assert mem["device"] == cj.cache_nbytes(cache) - mem["host"]
     assert mem["device_per_device"] == mem["device"] // 4
+
+
+def test_ulysses_with_the_mosaic_gpu_kernel_lowers_for_cuda():
+    """backend mosaic_gpu is the same call inside the shard_map: the whole sharded program cross-lowers for
+    sm_90 (all-to-alls around the Pallas kernel). Running it needs GPUs ([multi-gpu-run])."""
+    from pallas_kernels.attention import api
+
+    if "mosaic_gpu" not in api.registry.available("sparse_attention"):
+        pytest.skip("Mosaic GPU not importable in this jax")
+    b, h, n, d, group, kcap = 1, 4, 256, 128, 128, 128
+    mesh = par.make_mesh(cfg=1, sp=2)
+
+    def attend(q, k, v, cache, rng, sm):
+        i, c = cache  # per-head index lists travel with their heads through the map
+        return api.sparse_attention(q, k, v, i, c, group=group, implementation="mosaic_gpu"), cache
+
+    fn = jax.jit(lambda q, k, v, c: par.ulysses_attention(attend, q, k, v, c, mesh=mesh))
+    qkv = jax.ShapeDtypeStruct((b, h, n, d), jnp.bfloat16)
+    sel = (jax.ShapeDtypeStruct((b, h, 2, kcap), jnp.int32), jax.ShapeDtypeStruct((b, h, 2), jnp.int32))
+    txt = fn.trace(qkv, qkv, qkv, sel).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in txt and "all_to_all" in txt
