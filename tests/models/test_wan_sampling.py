@@ -74,11 +74,9 @@ def _run(setup, chipmunk, **kw):
     )
 
 
-def _hand_loop(setup, skip=frozenset()) -> np.ndarray:
-    """Wan's CFG loop written out: the transformer (jitted forward), diffusers' UniPC in float64, and on a
-    skipped step the output head on the hidden states of the latest computed step (SPEC §4)."""
-    model, text, neg, noise = setup
-    sched = UniPCMultistepScheduler(
+def _diffusers_unipc() -> UniPCMultistepScheduler:
+    """diffusers' UniPC as the Wan pipeline configures it (flow prediction, shift SHIFT, order 2, bh2)."""
+    return UniPCMultistepScheduler(
         num_train_timesteps=1000,
         prediction_type="flow_prediction",
         use_flow_sigmas=True,
@@ -89,6 +87,13 @@ def _hand_loop(setup, skip=frozenset()) -> np.ndarray:
         lower_order_final=True,
         final_sigmas_type="zero",
     )
+
+
+def _hand_loop(setup, skip=frozenset()) -> np.ndarray:
+    """Wan's CFG loop written out: the transformer (jitted forward), diffusers' UniPC in float64, and on a
+    skipped step the output head on the hidden states of the latest computed step (SPEC §4)."""
+    model, text, neg, noise = setup
+    sched = _diffusers_unipc()
     sched.set_timesteps(STEPS)
     graphdef, state = nnx.split(model)
     ctx = jnp.concatenate([text, neg])
@@ -380,17 +385,7 @@ def test_generate_matches_diffusers_wan_pipeline(setup):
     sd = {k: v.detach().numpy().copy() for k, v in tm.state_dict().items()}
     model = cw.to_model(cfg, cw.convert_tensors(sd, cfg), dtype=jnp.float32)
 
-    sched = UniPCMultistepScheduler(
-        num_train_timesteps=1000,
-        prediction_type="flow_prediction",
-        use_flow_sigmas=True,
-        flow_shift=SHIFT,
-        solver_order=2,
-        solver_type="bh2",
-        predict_x0=True,
-        lower_order_final=True,
-        final_sigmas_type="zero",
-    )
+    sched = _diffusers_unipc()
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=sched, transformer=tm)
     _, text, neg, _ = setup
     noise = np.random.default_rng(11).standard_normal((1, cfg.in_channels, *LATENT), np.float32)
