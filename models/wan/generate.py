@@ -1,4 +1,4 @@
-"""Generate a Wan2.1 text-to-video clip with Chipmunk: ``python -m models.wan.generate``.
+"""Generate a Wan2.1 text-to-video or image-to-video clip with Chipmunk: ``python -m models.wan.generate``.
 
 Writes OUT_DIR/latents.npy (final latents [B, 16, (frames-1)/4+1, H/8, W/8], the transformer's normalised
 latent space) and OUT_DIR/report.txt (per-step-kind times, compile time, attention sparsity) always; with a
@@ -16,6 +16,13 @@ Prompt embeddings, one of:
 Frames must be 4k+1 and height/width multiples of 16 (checked before any compute). The flow shift defaults
 to 3.0 up to 832x480 pixels and 5.0 above (Wan's 480p / 720p settings).
 
+Image-to-video (an I2V checkpoint, or --variant i2v-14b / --tiny with --random-weights): --image FIRST.png is the
+first frame. As diffusers' WanImageToVideoPipeline, it is resized (Lanczos, aspect ratio not kept, no crop) to
+--size and VAE-encoded with zeros for the other frames (so a VAE is required: --vae or --random-vae), and CLIP
+ViT-H/14 encodes the image as given (shortest side 224, centre crop) into the 257 image tokens both CFG branches
+see: --clip-vision DIR (``python -m convert_weights clip-vision``), or a random encoder with --random-weights.
+Pick --size with the image's aspect ratio (diffusers' example: the largest multiple-of-16 size of ~832x480 area).
+
 examples:
   # Wan2.1-T2V-1.3B, 81 frames at 832x480, 50 UniPC steps, CFG 5.0, Chipmunk with the Wan preset:
   python -m models.wan.generate --checkpoint ckpt/wan-t2v-1.3b --embeddings prompt.npz --vae ckpt/wan-vae \\
@@ -26,6 +33,11 @@ examples:
   # no checkpoints: a tiny random model and VAE on CPU (seconds), or the full 1.3B architecture
   python -m models.wan.generate --random-weights --tiny --random-vae --frames 5 --size 64x96 --steps 6
   python -m models.wan.generate --random-weights --variant t2v-1.3b --frames 81 --size 832x480 --steps 10
+  # image-to-video, Wan2.1-I2V-14B-480P (converted transformer, VAE and CLIP image encoder):
+  python -m models.wan.generate --checkpoint ckpt/wan-i2v-14b-480p --image first.png --prompt "it starts to rain" \
+      --umt5 ckpt/umt5 --tokenizer Wan2.1-I2V-14B-480P-Diffusers/tokenizer --vae ckpt/wan-vae \
+      --clip-vision ckpt/clip-vit-h-14 --frames 81 --size 832x480
+  python -m models.wan.generate --random-weights --tiny --random-vae --image first.png --frames 5 --size 64x96
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ import numpy as np
 EMB_COND, EMB_UNCOND = "prompt_embeds", "negative_prompt_embeds"
 TEXT_LEN = 512  # UMT5 tokens of the Wan pipelines
 FPS = 16  # Wan2.1 videos are 16 frames per second
+TEMPORAL_MASK = 4  # I2V mask channels: one per pixel frame of a VAE time step
 
 
 class UsageError(ValueError):
@@ -56,8 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="converted transformer directory (python -m convert_weights wan ...)")
     src.add_argument("--random-weights", action="store_true", help="random transformer weights, no checkpoint")
-    p.add_argument("--variant", default="t2v-1.3b", choices=("t2v-1.3b", "t2v-14b"), help="for --random-weights")
+    p.add_argument(
+        "--variant",
+        default=None,
+        choices=("t2v-1.3b", "t2v-14b", "i2v-14b"),
+        help="architecture for --random-weights (default t2v-1.3b; i2v-14b with --image)",
+    )
     p.add_argument("--tiny", action="store_true", help="with --random-weights: a tiny config (CPU checks)")
+    p.add_argument("--image", help="image-to-video: the first frame (PNG / JPEG; needs an I2V model and a VAE)")
+    p.add_argument("--clip-vision", help="converted CLIP image encoder (python -m convert_weights clip-vision ...)")
     txt = p.add_mutually_exclusive_group()
     txt.add_argument("--embeddings", help=f"prompt embeddings .npz ('{EMB_COND}', '{EMB_UNCOND}')")
     txt.add_argument("--prompt", help="text prompt (needs --umt5 and --tokenizer)")
@@ -85,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vae = p.add_mutually_exclusive_group()
     vae.add_argument("--vae", help="converted Wan VAE directory (python -m convert_weights wan-vae ...)")
-    vae.add_argument("--random-vae", action="store_true", help="a random VAE (tiny with --tiny) to test decoding")
+    vae.add_argument(
+        "--random-vae", action="store_true", help="a random VAE (tiny with --tiny) to test decoding / I2V encoding"
+    )
     p.add_argument("--png", action="store_true", help="write PNG frames instead of an MP4")
     p.add_argument("--fps", type=int, default=FPS)
     p.add_argument("--out-dir", default="wan_out", help="output directory (created)")
@@ -119,10 +141,23 @@ def _model_config(args):
         if manifest.get("model") != "wan":
             raise UsageError(f"{args.checkpoint} holds a {manifest.get('model')!r} checkpoint, not a Wan transformer")
         cfg = WanConfig.from_dict(manifest["config"])
-        if cfg.is_i2v:
-            raise UsageError(f"{args.checkpoint} is an image-to-video model; this CLI generates from text only")
-        return cfg, manifest.get("dtype", "bfloat16")
-    return (tiny_config() if args.tiny else CONFIGS[args.variant]), "bfloat16"
+        if args.variant is not None:
+            raise UsageError("--variant only goes with --random-weights (the checkpoint fixes the architecture)")
+    elif args.tiny:
+        if args.variant is not None:
+            raise UsageError("--tiny replaces --variant (it is T2V, or I2V with --image)")
+        # I2V: noise (4) + mask (4, one per frame of a VAE time step) + image latents (the tiny VAE's 4).
+        cfg = tiny_config(i2v=True, in_channels=12) if args.image else tiny_config()
+    else:
+        cfg = CONFIGS[args.variant or ("i2v-14b" if args.image else "t2v-1.3b")]
+    where = args.checkpoint or ("--tiny" if args.tiny else f"--variant {args.variant or 'i2v-14b'}")
+    if cfg.is_i2v and not args.image:
+        raise UsageError(f"{where} is an image-to-video model: give the first frame with --image FILE")
+    if args.image and not cfg.is_i2v:
+        raise UsageError(f"--image needs an image-to-video model; {where} is text-to-video")
+    if cfg.is_i2v and cfg.in_channels != 2 * cfg.out_channels + TEMPORAL_MASK:
+        raise UsageError(f"I2V model with {cfg.in_channels} input channels: expected out + 4 mask + out latent ones")
+    return cfg, (manifest.get("dtype", "bfloat16") if args.checkpoint else "bfloat16")
 
 
 def _embeddings(args, cfg, use_cfg: bool):
@@ -193,6 +228,39 @@ def _vae_available():
     return wan_vae
 
 
+def _check_i2v(args, cfg) -> None:
+    """Image-to-video arguments: the image file, a VAE to encode it, the CLIP encoder matching the model."""
+    if not os.path.isfile(args.image):
+        raise UsageError(f"--image {args.image} does not exist")
+    try:
+        from PIL import Image
+
+        with Image.open(args.image) as img:
+            img.verify()
+    except Exception as e:  # PIL raises many types for unreadable files
+        raise UsageError(f"--image {args.image} is not a readable image: {e}") from e
+    if not (args.vae or args.random_vae):
+        raise UsageError("image-to-video encodes the first frame with the VAE: give --vae DIR (or --random-vae)")
+    if args.clip_vision:
+        from convert_weights.common import read_manifest
+
+        if not os.path.isdir(args.clip_vision):
+            raise UsageError(f"--clip-vision directory {args.clip_vision} does not exist")
+        try:
+            cm = read_manifest(args.clip_vision)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--clip-vision: {e}") from e
+        if cm.get("model") != "clip_vision":
+            raise UsageError(f"{args.clip_vision} holds a {cm.get('model')!r} checkpoint, not a CLIP vision tower")
+        if cm["config"].get("width") != cfg.image_dim:
+            raise UsageError(
+                f"the CLIP encoder has width {cm['config'].get('width')}, "
+                f"the model takes image tokens of {cfg.image_dim}"
+            )
+    elif not args.random_weights:
+        raise UsageError("image-to-video needs the CLIP image encoder: --clip-vision DIR (convert_weights clip-vision)")
+
+
 def prepare(args):
     """Checks everything that needs no compute; returns (cfg, dtype, chipmunk, (width, height), embeddings)."""
     from models.wan.sampling import latent_size
@@ -229,6 +297,10 @@ def prepare(args):
             raise UsageError(f"{args.vae} holds a {vm.get('model')!r} checkpoint, not a Wan VAE")
         if vm["config"].get("z_dim") != cfg.out_channels:
             raise UsageError(f"the VAE has {vm['config'].get('z_dim')} latent channels, the model {cfg.out_channels}")
+    if cfg.is_i2v:
+        _check_i2v(args, cfg)
+    elif args.clip_vision:
+        raise UsageError("--clip-vision is for image-to-video (--image with an I2V model)")
     chipmunk = _chipmunk(args)
     emb = _embeddings(args, cfg, args.guidance > 1.0)
     return cfg, (args.dtype or dtype), chipmunk, (width, height), emb
@@ -274,6 +346,29 @@ def random_model(cfg, dtype, seed: int = 0, *, host: bool | None = None):
     return numpy_random(make, seed) if host else nnx.jit(make)()
 
 
+def prompt_clean(text: str) -> str:
+    """Wan's prompt cleaning before UMT5 tokenisation (``basic_clean`` then ``whitespace_clean`` of the Wan release
+    and diffusers' Wan pipelines).
+
+    ``ftfy.fix_text`` (repairs mojibake such as 'cafÃ©' -> 'café') runs first when ftfy is importable; it is not a
+    dependency of this project, and without it prompts that need no repair (any correctly encoded text) give the
+    same result. Then HTML entities are unescaped twice ('&amp;lt;' -> '<'), the ends stripped, and every run of
+    whitespace (Unicode included) becomes one space, the ends stripped again.
+    """
+    import html
+    import re
+
+    try:
+        import ftfy
+    except ImportError:
+        ftfy = None
+    if ftfy is not None:
+        text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    # Unicode whitespace as the `regex` module's \s of the reference, which (unlike `re`) excludes \x1c-\x1f.
+    return re.sub(r"[^\S\x1c-\x1f]+", " ", text).strip()
+
+
 def encode_prompts(encoder, tokenizer, prompts: list[str]):
     """UMT5 embeddings [B, L, D] float32 as diffusers' WanPipeline: hidden states zeroed past each prompt's tokens.
 
@@ -298,10 +393,8 @@ def _prompt_embeddings(args, batch: int):
 
     encoder = load_umt5(args.umt5)
     tokenizer = load_t5_tokenizer(args.tokenizer, TEXT_LEN)
-    # diffusers' prompt_clean collapses whitespace (and fixes mojibake with ftfy, which is not done here).
-    clean = lambda p: " ".join(p.split())
-    cond = encode_prompts(encoder, tokenizer, [clean(args.prompt)] * batch)
-    uncond = encode_prompts(encoder, tokenizer, [clean(args.negative_prompt)])
+    cond = encode_prompts(encoder, tokenizer, [prompt_clean(args.prompt)] * batch)
+    uncond = encode_prompts(encoder, tokenizer, [prompt_clean(args.negative_prompt)])
     return np.asarray(cond, np.float32), np.asarray(uncond.astype(jnp.float32))
 
 
@@ -348,7 +441,10 @@ def _have_ffmpeg() -> bool:
     return True
 
 
-def _decode(args, cfg, latents):
+def _load_vae(args, cfg):
+    """The VAE of --vae, or a random one (tiny with --tiny) for --random-vae; None without either."""
+    if not (args.vae or args.random_vae):
+        return None
     wan_vae = _vae_available()
     if args.vae:
         vae = wan_vae.load(args.vae)
@@ -360,7 +456,47 @@ def _decode(args, cfg, latents):
         vae = numpy_random(lambda: wan_vae.WanVAE(vcfg, rngs=nnx.Rngs(args.seed), dtype=jnp.float32), args.seed)
     if vae.config.z_dim != cfg.out_channels:
         raise UsageError(f"the VAE has {vae.config.z_dim} latent channels, the transformer {cfg.out_channels}")
-    return wan_vae.decode(vae, latents)
+    return vae
+
+
+def _load_clip(args, cfg):
+    """The CLIP vision encoder of --clip-vision, or a random one (tiny with --tiny, else ViT-H/14) in float32."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from models.image_encoders.clip_vision import CLIP_VISION_TINY, CLIP_VIT_H_14, CLIPVisionEncoder
+
+    if args.clip_vision:
+        from convert_weights.clip_vision import load as load_clip
+
+        return load_clip(args.clip_vision)
+    ccfg = dataclasses.replace(CLIP_VISION_TINY if args.tiny else CLIP_VIT_H_14, width=cfg.image_dim)
+    return numpy_random(lambda: CLIPVisionEncoder(ccfg, rngs=nnx.Rngs(args.seed), dtype=jnp.float32), args.seed)
+
+
+def image_inputs(image, encoder, vae, *, frames: int, width: int, height: int):
+    """(CLIP image tokens [1, N, D], I2V conditioning [1, 4 + z, F_lat, H/8, W/8]) of a first frame.
+
+    As diffusers' WanImageToVideoPipeline: CLIP sees the image as given (``preprocess``: shortest side to the
+    encoder's size, centre crop) and returns its penultimate hidden state; the VAE sees it resized to the video
+    size (``video_image``), followed by zero frames (``image_condition``).
+
+    Args:
+      image: a PIL image (or uint8 array [H, W, 3]).
+      encoder: ``models.image_encoders.clip_vision.CLIPVisionEncoder``.
+      vae: ``models.vae.wan_vae.WanVAE``.
+      frames, width, height: the video size.
+    """
+    import jax.numpy as jnp
+
+    from models.image_encoders.clip_vision import encode, preprocess
+    from models.wan.sampling import image_condition, video_image
+
+    tokens = encode(encoder, jnp.asarray(preprocess(image, encoder.config)))
+    condition = image_condition(vae, video_image(image, width, height), frames)
+    return tokens, condition
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -382,6 +518,21 @@ def main(argv: list[str] | None = None) -> int:
     if emb is None:
         emb = _prompt_embeddings(args, args.batch or 1)
     cond, uncond = emb
+    try:
+        vae = _load_vae(args, cfg)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    image_tokens = condition = None
+    if cfg.is_i2v:
+        from PIL import Image
+
+        with Image.open(args.image) as img:
+            first = img.convert("RGB")
+        image_tokens, condition = image_inputs(
+            first, _load_clip(args, cfg), vae, frames=args.frames, width=width, height=height
+        )
+        print(f"image {args.image} ({first.width}x{first.height}): {image_tokens.shape[1]} CLIP tokens")
     model = load(args.checkpoint, dtype=dtype) if args.checkpoint else random_model(cfg, dtype, args.seed)
     impl = default_attention_impl(model.dtype) if args.attention_impl == "auto" else args.attention_impl
     shift = default_shift(height, width) if args.shift is None else args.shift
@@ -401,11 +552,15 @@ def main(argv: list[str] | None = None) -> int:
         backend=args.backend,
         attention_impl=impl,
         progress=not args.no_progress,
+        image=image_tokens,
+        condition=condition,
     )
     np.save(out / "latents.npy", np.asarray(gen.latents, np.float32))
     mode = "dense" if chipmunk is None else "chipmunk"
+    variant = args.variant or ("i2v-14b" if cfg.is_i2v else "t2v-1.3b")
+    task = f"image-to-video from {args.image}" if cfg.is_i2v else "text-to-video"
     head = (
-        f"{mode} Wan2.1 ({'tiny random' if args.tiny else args.checkpoint or args.variant + ' random'}), "
+        f"{mode} Wan2.1 {task} ({'tiny random' if args.tiny else args.checkpoint or variant + ' random'}), "
         f"{args.frames} frames {width}x{height}, {args.steps} {args.solver} steps, shift {shift}, "
         f"guidance {args.guidance}, seed {args.seed}"
     )
@@ -413,14 +568,12 @@ def main(argv: list[str] | None = None) -> int:
     (out / "report.txt").write_text(text + "\n")
     print(text)
     print(f"wrote {out / 'latents.npy'} {tuple(gen.latents.shape)}")
-    if not (args.vae or args.random_vae):
+    if vae is None:
         print("no VAE given (--vae DIR or --random-vae): latents only")
         return 0
-    try:
-        frames = to_uint8_frames(_decode(args, cfg, gen.latents))
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from models.vae.wan_vae import decode
+
+    frames = to_uint8_frames(decode(vae, gen.latents))
     use_png = args.png or not _have_ffmpeg()
     if use_png and not args.png:
         print("imageio-ffmpeg is not installed: writing PNG frames instead of an MP4")

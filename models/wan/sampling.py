@@ -1,4 +1,5 @@
-"""Wan2.1 text-to-video sampling: CFG on the batch axis, UniPC / flow Euler, Chipmunk step kinds, step caching.
+"""Wan2.1 text-to-video and image-to-video sampling: CFG on the batch axis, UniPC / flow Euler, Chipmunk step
+kinds, step caching.
 
 The generation runs through ``chipmunk_jax.sampler.EulerSampler`` with a Wan solver (``models.wan.scheduler``):
 one step function is compiled per distinct ``StepPlan`` (warm-up, mask, sparse, skip for the Wan preset) and
@@ -9,6 +10,13 @@ both branches recorded at their latest computed step; the solver update runs as 
 
 Latents stay in the diffusers / VAE layout [B, C, F, H, W] (float32) throughout; the voxel reordering of the
 video tokens happens inside the transformer.
+
+Image-to-video (an I2V transformer, ``cfg.is_i2v``) follows diffusers' ``WanImageToVideoPipeline``: the model input
+of every step is the noisy latents [B, 16, F, H, W] followed by a fixed conditioning tensor [B, 4 + 16, F, H, W]
+(``image_condition``: a first-frame mask in 4 channels per latent frame, then the normalised VAE latents of the
+video [first image, zeros for the other frames]), and the CLIP image tokens (penultimate layer of ViT-H/14,
+[B, 257, 1280]) join the text in every cross-attention; both CFG branches get the same image tokens and the same
+conditioning, only the text differs.
 """
 
 from __future__ import annotations
@@ -70,6 +78,61 @@ def default_shift(height: int, width: int) -> float:
     return 3.0 if height * width <= 832 * 480 else 5.0
 
 
+def first_frame_mask(batch: int, frames: int, height: int, width: int) -> np.ndarray:
+    """I2V mask channels [B, 4, F_lat, H/8, W/8] float32: 1 where the pixel frame is given (the first), else 0.
+
+    Built as diffusers' ``WanImageToVideoPipeline.prepare_latents`` does: a per-pixel-frame mask [B, 1, frames,
+    h, w] (1 on frame 0), the first frame repeated 4 times so that 4k + 4 frames fold into [B, F_lat, 4, h, w],
+    then channels first. Every channel of latent frame 0 is 1, the other latent frames are 0.
+    """
+    f, h, w = latent_size(frames, height, width)
+    pixel = np.zeros((batch, 1, frames, h, w), np.float32)
+    pixel[:, :, 0] = 1.0
+    first = np.repeat(pixel[:, :, :1], VAE_TEMPORAL, axis=2)
+    mask = np.concatenate([first, pixel[:, :, 1:]], axis=2)  # [B, 1, 4 F_lat, h, w]
+    return mask.reshape(batch, f, VAE_TEMPORAL, h, w).transpose(0, 2, 1, 3, 4)
+
+
+def video_image(image, width: int, height: int) -> np.ndarray:
+    """The first frame for the VAE: [1, 3, height, width] float32 in [-1, 1] from a PIL image or uint8 array.
+
+    As diffusers' ``VideoProcessor.preprocess(image, height, width)`` in ``WanImageToVideoPipeline``: a plain
+    Pillow Lanczos resize to width x height (the aspect ratio is not kept, nothing is cropped), x / 255 * 2 - 1.
+    Non-RGB images (RGBA, grey) are converted to RGB first (diffusers would pass their channels through).
+    """
+    from PIL import Image
+
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
+    img = img.convert("RGB").resize((width, height), resample=Image.Resampling.LANCZOS)
+    x = np.asarray(img).astype(np.float32) / 255.0
+    return (2.0 * x - 1.0).transpose(2, 0, 1)[None]
+
+
+def image_condition(vae, image: np.ndarray | jax.Array, frames: int) -> jax.Array:
+    """The I2V conditioning [B, 4 + z, F_lat, H/8, W/8] float32 of first frames ``image`` [B, 3, H, W] in [-1, 1].
+
+    diffusers' ``WanImageToVideoPipeline.prepare_latents``: the video [image, zeros for the other frames - 1
+    frames] is VAE-encoded (posterior mean), normalised with the VAE's latents_mean / latents_std, and put after
+    the ``first_frame_mask`` channels. The transformer takes it after the noisy latents (C_in = C_out + 4 + z).
+
+    Args:
+      vae: a ``models.vae.wan_vae.WanVAE``.
+      image: [B, 3, H, W] first frames (``video_image``), H and W multiples of 16.
+      frames: video frames (4k + 1).
+    """
+    from models.vae import wan_vae
+
+    image = jnp.asarray(image, jnp.float32)
+    if image.ndim != 4 or image.shape[1] != 3:
+        raise ValueError(f"image must be [B, 3, H, W] in [-1, 1], got {image.shape}")
+    b, _, height, width = image.shape
+    mask = first_frame_mask(b, frames, height, width)  # validates frames / size
+    zeros = jnp.zeros((b, 3, frames - 1, height, width), jnp.float32)
+    video = jnp.concatenate([image[:, :, None], zeros], axis=2)  # [B, 3, frames, H, W]
+    latents = wan_vae.encode(vae, video)  # normalised posterior mean [B, z, F_lat, H/8, W/8]
+    return jnp.concatenate([jnp.asarray(mask), latents.astype(jnp.float32)], axis=1)
+
+
 @flax.struct.dataclass
 class WanCond:
     """Per-generation conditioning (traced: new prompts or guidance do not recompile).
@@ -78,11 +141,15 @@ class WanCond:
       text: [B', L, text_dim] UMT5 embeddings; B' = 2B with CFG (cond rows first, then uncond), else B.
       guidance: float32 [] guidance scale (unused without CFG).
       static_mask: (mask [H, G, N] bool, sparse_group [H, G] bool) of the Chipmunk static mask, or None.
+      image: I2V: [B, L_img, image_dim] CLIP image tokens (the same for both CFG branches), else None.
+      condition: I2V: [B, C_in - C_out, F, H, W] float32 first-frame conditioning (``image_condition``), else None.
     """
 
     text: jax.Array
     guidance: jax.Array
     static_mask: tuple[jax.Array, jax.Array] | None = None
+    image: jax.Array | None = None
+    condition: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +186,10 @@ class WanDenoiser:
     def velocity(self, params, cond: WanCond, latents, timestep, cache: WanCache, rng, step, plan):
         """Guided velocity [B, C, F, H, W] float32 at the model ``timestep`` and the new cache (a computed step)."""
         model: WanTransformer3D = nnx.merge(self.graphdef, params)
+        if cond.condition is not None:  # I2V: [noisy latents; mask; image latents] on the channel axis
+            latents = jnp.concatenate([latents, cond.condition.astype(latents.dtype)], axis=1)
         x = self._batch(latents)
+        image = None if cond.image is None else self._batch(cond.image)
         run = None
         if self.chipmunk is not None and self.chipmunk.attn.is_enabled:
             run = ChipmunkRun(self.chipmunk, plan, self.backend)
@@ -132,6 +202,7 @@ class WanDenoiser:
             ts,
             cond.text,
             cache,
+            image=image,
             chipmunk=run,
             rng=rng,
             step=step,
@@ -174,7 +245,8 @@ def _dense_plan_config() -> ChipmunkConfig:
 
 @dataclasses.dataclass
 class WanGeneration:
-    """Result of ``generate``: final latents [B, C, F, H, W] float32 (unnormalised VAE latents), the report."""
+    """Result of ``generate``: final latents [B, C, F, H, W] float32 (the transformer's normalised latent space;
+    ``models.vae.wan_vae.decode`` undoes the normalisation), the report, the final sampler state."""
 
     latents: jax.Array
     report: Report
@@ -184,6 +256,30 @@ class WanGeneration:
 def _pad_tokens(x: np.ndarray | jax.Array, length: int) -> jax.Array:
     x = jnp.asarray(x, jnp.float32)
     return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0)))
+
+
+def _i2v_inputs(cfg, b: int, latent: tuple[int, int, int], image, condition):
+    """(image tokens [B, L, D], condition [B, C, F, H, W] float32), both None for T2V; raises on bad shapes."""
+    if not cfg.is_i2v:
+        if image is not None or condition is not None:
+            raise ValueError("image / condition are for image-to-video; this is a T2V model (cfg.image_dim is None)")
+        return None, None
+    if image is None or condition is None:
+        raise ValueError(
+            "this is an image-to-video model: pass image= (CLIP tokens, models.image_encoders.clip_vision) and "
+            "condition= (models.wan.sampling.image_condition(vae, first_frame, frames))"
+        )
+    c = cfg.in_channels - cfg.out_channels
+    if image.ndim != 3 or image.shape[0] not in (1, b) or image.shape[2] != cfg.image_dim:
+        raise ValueError(f"image must be [1 or {b}, L_img, {cfg.image_dim}] CLIP tokens, got {image.shape}")
+    if condition.ndim != 5 or condition.shape[0] not in (1, b) or condition.shape[1:] != (c, *latent):
+        raise ValueError(
+            f"condition must be [1 or {b}, {c}, {', '.join(map(str, latent))}] (mask + VAE latents for this "
+            f"size and frame count; image_condition), got {condition.shape}"
+        )
+    image = jnp.broadcast_to(jnp.asarray(image), (b, *image.shape[1:]))
+    condition = jnp.broadcast_to(jnp.asarray(condition, jnp.float32), (b, *condition.shape[1:]))
+    return image, condition
 
 
 def generate(
@@ -205,11 +301,14 @@ def generate(
     noise: jax.Array | None = None,
     progress: bool = True,
     mesh: Mesh | None = None,
+    image: jax.Array | None = None,
+    condition: jax.Array | None = None,
 ) -> WanGeneration:
-    """Samples Wan2.1 text-to-video latents with CFG, UniPC (or flow Euler) and optionally Chipmunk.
+    """Samples Wan2.1 text-to-video or image-to-video latents with CFG, UniPC (or flow Euler) and optionally Chipmunk.
 
     Args:
-      model: a T2V ``WanTransformer3D``.
+      model: a ``WanTransformer3D``, T2V or I2V (``model.cfg.is_i2v``: then ``image`` and ``condition`` are
+        required).
       text: [B, L, text_dim] UMT5 prompt embeddings (diffusers pads them with zeros to 512 tokens).
       negative_text: [B or 1, L', text_dim] negative-prompt embeddings; required when ``guidance > 1``
         (CFG on, as in diffusers). Both are zero-padded to the longer length.
@@ -223,18 +322,20 @@ def generate(
         step_caching section is honoured; its MLP section must be disabled (Wan sparsifies self-attention only).
       backend: Chipmunk operator backend.
       attention_impl: jax.nn.dot_product_attention implementation for dense attention.
-      noise: optional initial noise [B, C_in, F_lat, H/8, W/8] instead of one drawn from ``seed``.
+      noise: optional initial noise [B, C_out, F_lat, H/8, W/8] instead of one drawn from ``seed``.
       progress: tqdm progress bar.
       mesh: a ``chipmunk_jax.parallel.make_mesh(cfg=..., sp=...)`` mesh: the model batch (2B with CFG: the two
         branches) is split over 'cfg', video tokens over 'sp' (Ulysses attention), caches by heads/tokens.
         Independently of the mesh, cache fields chosen by ``chipmunk.offloading`` are kept in host memory.
+      image: I2V only: [1 or B, L_img, image_dim] CLIP image tokens (``models.image_encoders.clip_vision``,
+        penultimate hidden state; 257 x 1280 for ViT-H/14), given to both CFG branches as diffusers does.
+      condition: I2V only: [1 or B, C_in - C_out, F_lat, H/8, W/8] first-frame conditioning from
+        ``image_condition`` (mask channels, then the normalised VAE latents of the first frame).
 
     Returns:
       A WanGeneration.
     """
     cfg = model.cfg
-    if cfg.is_i2v:
-        raise ValueError("generate() is text-to-video; this model is I2V (image conditioning is not wired yet)")
     f, h, w = latent_size(frames, height, width)
     post_patch_grid(cfg, f, h, w)
     if chipmunk is not None and chipmunk.mlp.is_enabled:
@@ -253,6 +354,7 @@ def generate(
         ctx = jnp.concatenate([_pad_tokens(text, length), neg])
     else:
         ctx = jnp.asarray(text, jnp.float32)
+    image, condition = _i2v_inputs(cfg, b, (f, h, w), image, condition)
     if isinstance(solver, str):
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)} or pass a solver object")
@@ -263,9 +365,9 @@ def generate(
     key = jax.random.key(seed)
     if noise is None:
         # numpy's generator: the same noise on every platform, and nothing to compile.
-        noise = np.random.default_rng(seed).standard_normal((b, cfg.in_channels, f, h, w), np.float32)
-    if noise.shape != (b, cfg.in_channels, f, h, w):
-        raise ValueError(f"noise must be {(b, cfg.in_channels, f, h, w)}, got {noise.shape}")
+        noise = np.random.default_rng(seed).standard_normal((b, cfg.out_channels, f, h, w), np.float32)
+    if noise.shape != (b, cfg.out_channels, f, h, w):
+        raise ValueError(f"noise must be {(b, cfg.out_channels, f, h, w)}, got {noise.shape}")
     x = jnp.array(noise, jnp.float32, copy=True)  # the state is donated; never hand over the caller's array
 
     grid = post_patch_grid(cfg, f, h, w)
@@ -274,7 +376,13 @@ def generate(
     if chipmunk is not None and chipmunk.attn.is_enabled:
         mask = wan_static_mask(cfg, chipmunk, grid, jax.random.fold_in(key, 1_000_000))
         sm = (jnp.asarray(mask.mask), jnp.asarray(mask.sparse_group))
-    cond = WanCond(text=ctx.astype(dt), guidance=jnp.asarray(guidance, jnp.float32), static_mask=sm)
+    cond = WanCond(
+        text=ctx.astype(dt),
+        guidance=jnp.asarray(guidance, jnp.float32),
+        static_mask=sm,
+        image=None if image is None else image.astype(dt),
+        condition=condition,
+    )
     plan_cfg = chipmunk if chipmunk is not None else _dense_plan_config()
     schedule = step_kinds(plan_cfg, steps, cfg.num_layers)
     batch = 2 * b if use_cfg else b

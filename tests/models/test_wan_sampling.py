@@ -436,3 +436,37 @@ def test_sampling_on_a_mesh_matches_one_device(setup):
     assert got.out.sharding.spec[1:3] == ("cfg", "sp")  # [L, B, H, ...]: branches and heads split
     with pytest.raises(ValueError, match="heads"):
         _run(setup, chip, backend="xla", mesh=parallel.make_mesh(cfg=1, sp=8))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "  a red\tfox\n\n in the   snow ",
+        "Tom &amp;amp; Jerry &lt;3 &quot;cartoon&quot; &#39;90s",
+        "wide\u3000space\xa0and\u2009thin\u200aones\u2028line",
+        "separators\x1ckept\x1fas in the reference",
+        "",
+        "\t\n",
+    ],
+)
+def test_prompt_clean_matches_wan_pipelines(monkeypatch, text):
+    """diffusers' Wan prompt_clean (ftfy stubbed: it is not installed) and ours agree, whitespace and entities."""
+    import types
+
+    from diffusers.pipelines.wan import pipeline_wan_i2v as ref
+
+    from models.wan.generate import prompt_clean
+
+    monkeypatch.setattr(ref, "ftfy", types.SimpleNamespace(fix_text=lambda s: s), raising=False)
+    assert prompt_clean(text) == ref.prompt_clean(text)
+
+
+def test_prompt_clean_uses_ftfy_when_installed(monkeypatch):
+    import sys
+    import types
+
+    from models.wan.generate import prompt_clean
+
+    assert prompt_clean("Tom &amp;amp; Jerry\u3000 ") == "Tom & Jerry"
+    monkeypatch.setitem(sys.modules, "ftfy", types.SimpleNamespace(fix_text=lambda s: s.replace("Ã©", "é")))
+    assert prompt_clean(" cafÃ©  au lait ") == "café au lait"
