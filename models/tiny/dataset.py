@@ -107,3 +107,60 @@ def batch(seed: int, start: int, count: int, size: int = 64) -> tuple[np.ndarray
         imgs.append(img)
         labels.append(label)
     return np.stack(imgs), np.asarray(labels, np.int32)
+
+
+# Bounding-box fill ratio (area / bounding-box area) of each shape, for reading the class back from pixels.
+SHAPE_FILL: dict[str, float] = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
+# A generated pixel belongs to a class colour when no channel is further than this from it (backgrounds are
+# greyish and at least 0.45 away from every class colour in some channel).
+_COLOUR_TOL = 0.25
+# Fewer matching pixels than this (the smallest drawn circle covers about 320) means no shape was drawn.
+_MIN_AREA = 60
+
+
+def read_class(img: np.ndarray) -> tuple[int, int] | None:
+    """(shape, colour) read back from an image's pixels, or None when no class-coloured shape is found.
+
+    Works on generated samples as well as on the dataset: the colour is the class colour most pixels are close
+    to; the shape is the one whose bounding-box fill ratio is nearest to that of the largest connected region of
+    that colour. A ragged blob therefore reads as *some* shape, but it reads as the right one only if its
+    geometry is right, which is what ``recognition_rate`` measures.
+
+    Args:
+      img: float [H, W, 3] in [0, 1].
+    """
+    from scipy import ndimage
+
+    cols = np.asarray(list(COLOURS.values()), np.float32)  # [K, 3]
+    dist = np.abs(np.asarray(img, np.float32)[:, :, None, :] - cols[None, None]).max(-1)  # [H, W, K]
+    near = dist < _COLOUR_TOL
+    counts = near.sum(axis=(0, 1))
+    colour = int(np.argmax(counts))
+    if counts[colour] < _MIN_AREA:
+        return None
+    regions, n = ndimage.label(near[..., colour])
+    sizes = np.bincount(regions.ravel())[1:]
+    mask = regions == 1 + int(np.argmax(sizes))
+    if mask.sum() < _MIN_AREA:
+        return None
+    ys, xs = np.nonzero(mask)
+    fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    shape = int(np.argmin([abs(fill - SHAPE_FILL[s]) for s in SHAPES]))
+    return shape, colour
+
+
+def recognition_rate(images: np.ndarray, labels) -> dict[str, float]:
+    """Fractions of ``images`` [B, H, W, 3] whose class read back by ``read_class`` matches ``labels``.
+
+    Returns {'class': both shape and colour right, 'shape': shape right, 'colour': colour right}.
+    """
+    hits = np.zeros((3,), np.float64)
+    labels = np.asarray(labels)
+    for img, label in zip(images, labels, strict=True):
+        want = split_label(int(label))
+        got = read_class(img)
+        if got is None:
+            continue
+        hits += (got == want, got[0] == want[0], got[1] == want[1])
+    n = max(1, len(labels))
+    return {"class": hits[0] / n, "shape": hits[1] / n, "colour": hits[2] / n}

@@ -95,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         f"fidelity vs dense: PSNR mean {psnr.mean():.2f} dB (min {psnr.min():.2f}), "
         f"SSIM mean {ssim.mean():.4f} (min {ssim.min():.4f})"
     )
+    rec_dense = dataset.recognition_rate(dense, labels)
+    rec_chip = dataset.recognition_rate(chip, labels)
+    print(
+        f"class read back from the pixels (shape and colour right): dense {rec_dense['class']:.0%}, "
+        f"Chipmunk {rec_chip['class']:.0%} of {len(labels)} images"
+    )
     cols = len(dataset.COLOURS)
     footer = f"{args.steps} steps, seed {args.seed}; PSNR {psnr.mean():.1f} dB, SSIM {ssim.mean():.3f} vs dense"
     png = side_by_side(

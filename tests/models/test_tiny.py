@@ -22,21 +22,6 @@ from models.tiny import model as tm
 from models.tiny import sampling as ts
 from models.tiny import train as tt
 
-_SHAPE_FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}  # area / bounding-box area
-
-
-def _classify(img: np.ndarray) -> tuple[int, int]:
-    """(shape, colour) read back from the pixels alone: the saturated colour present, its bounding-box fill."""
-    cols = np.asarray(list(dataset.COLOURS.values()), np.float32)  # [K, 3]
-    dist = np.abs(img[:, :, None, :] - cols[None, None, :, :]).max(-1)  # [H, W, K]
-    counts = (dist < 0.02).sum(axis=(0, 1))
-    colour = int(np.argmax(counts))
-    mask = dist[..., colour] < 0.15  # the interior and the mostly covered edge pixels
-    ys, xs = np.nonzero(mask)
-    fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-    shape = int(np.argmin([abs(fill - _SHAPE_FILL[s]) for s in dataset.SHAPES]))
-    return shape, colour
-
 
 def test_dataset_is_deterministic_and_labels_match_the_pixels():
     a, la = dataset.batch(7, 100, 24)
@@ -51,7 +36,7 @@ def test_dataset_is_deterministic_and_labels_match_the_pixels():
         img, label, mask = dataset.example(7, 100 + i)
         np.testing.assert_array_equal(img, a[i])
         shape, colour = dataset.split_label(label)
-        assert _classify(img) == (shape, colour), (i, dataset.class_name(label))
+        assert dataset.read_class(img) == (shape, colour), (i, dataset.class_name(label))
         fg = np.asarray(list(dataset.COLOURS.values())[colour], np.float32)
         np.testing.assert_allclose(img[mask == 1.0], np.broadcast_to(fg, img[mask == 1.0].shape), atol=1e-6)
         # Backgrounds are greyish: far from every saturated class colour.
@@ -76,7 +61,7 @@ def test_pixel_token_packing_inverts_flux_unpacking():
 
 def test_short_training_reduces_the_loss(tmp_path):
     cfg = tm.tiny_flux_config_for(32, 1, 0)
-    tc = tt.TrainConfig(batch=4, lr=3e-3, warmup=3, seed=1)
+    tc = tt.TrainConfig(batch=4, lr=3e-3, warmup=3, seed=1, min_lr_frac=1.0)  # no decay over these 15 steps
     rope = rope_table(position_ids(tm.TXT_LEN, 16, 16), cfg.axes_dim, cfg.theta)
     imgs, labels = dataset.batch(99, 0, 8)
     tok, lab = tm.image_to_tokens(jnp.asarray(imgs)), jnp.asarray(labels)
@@ -147,26 +132,35 @@ def test_evaluate_config_yaml_and_unknown_key(tmp_path):
     yml.write_text("attn:\n  top_keys: 0.4\n")
     em = evaluate.TinyEvalModel(_random_tiny(), np.array([0]), steps=3)
     cfg = em.adapt(evaluate.load_config(yml, base="flux"))
-    assert cfg.attn.top_keys == 0.4 and cfg.attn.mbm == 64 and cfg.mlp.bm == 64
+    assert cfg.attn.top_keys == 0.4 and cfg.attn.mbm == 16 and cfg.mlp.bm == 64
     yml.write_text("attn:\n  top_key: 0.4\n")
     with pytest.raises(ValueError, match="top_keys"):
         evaluate.main(["--random-weights", "--config", str(yml), "--out-dir", str(tmp_path / "x")])
 
 
-def test_shipped_checkpoint_loads_and_samples():
+def test_shipped_checkpoint_draws_recognisable_shapes():
     model, meta = tm.load_checkpoint()
     assert meta["weights_dtype"] == "float16" and meta["command"].startswith("python -m models.tiny.train")
     assert model.cfg == tm.tiny_flux_config() and model.dtype == jnp.float32
-    labels = np.array([0, 7] * 3)  # red circle, yellow square
-    imgs, gen = ts.generate_images(model, labels, steps=4, seed=0)
-    assert imgs.shape == (6, 64, 64, 3) and np.isfinite(imgs).all()
-    assert sum(len(v) for v in gen.report.step_times.values()) == 4
-    # The class shows in the colours: on average the red circles hold far redder pixels than the yellow squares,
-    # and the yellow squares far yellower ones (single samples of the weak model may miss their shape).
-    red = (imgs[..., 0] - np.maximum(imgs[..., 1], imgs[..., 2])).max(axis=(1, 2))
-    yellow = (np.minimum(imgs[..., 0], imgs[..., 1]) - imgs[..., 2]).max(axis=(1, 2))
-    assert red[0::2].mean() > red[1::2].mean() + 0.25, red
-    assert yellow[1::2].mean() > yellow[0::2].mean() + 0.25, yellow
+    labels = np.arange(dataset.NUM_CLASSES)
+    imgs, gen = ts.generate_images(model, labels, steps=20, seed=3)
+    assert imgs.shape == (12, 64, 64, 3) and np.isfinite(imgs).all()
+    assert sum(len(v) for v in gen.report.step_times.values()) == 20
+    # Shape and colour read back from the pixels: 11 of 12 when measured (the first shipped model, which drew
+    # coloured blobs, got 1 of 12; an untrained one 0).
+    rate = dataset.recognition_rate(imgs, labels)
+    assert rate["class"] >= 0.75, rate
+
+
+def test_read_class_rejects_images_without_a_shape():
+    rng = np.random.default_rng(0)
+    img, _ = dataset.render(5, rng)
+    grey = np.full_like(img, 0.5)
+    assert dataset.read_class(grey) is None
+    tiny_dot = grey.copy()
+    tiny_dot[30:34, 30:34] = dataset.COLOURS["red"]  # 16 pixels: too small to be a drawn shape
+    assert dataset.read_class(tiny_dot) is None
+    assert dataset.recognition_rate(np.stack([img, grey]), [5, 5]) == {"class": 0.5, "shape": 0.5, "colour": 0.5}
 
 
 def test_tiny_preset_only_changes_tile_sizes():
