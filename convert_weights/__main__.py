@@ -16,7 +16,13 @@ SUBCOMMANDS = {
     "flux-pipeline": "convert_weights.flux_pipeline",
     "wan": "convert_weights.wan",
     "wan-vae": "convert_weights.wan_vae",
+    "mochi-vae": "convert_weights.mochi_vae",
+    "hunyuan-vae": "convert_weights.hunyuan_vae",
     "umt5": "convert_weights.umt5",
+    "llama": "convert_weights.llama",
+    "clip-vision": "convert_weights.clip_vision",
+    "hunyuan-video": "convert_weights.hunyuan_video",
+    "mochi": "convert_weights.mochi",
 }
 
 EPILOG = """Converted checkpoints are directories holding an orbax checkpoint (params/) and manifest.json
