@@ -179,7 +179,9 @@ class EulerSampler:
     schedule: Schedule
     solver: Any = None
 
-    def run(self, params, cond, sigmas, state: SamplerState, *, progress: bool = True) -> tuple[SamplerState, Report]:
+    def run(
+        self, params, cond, sigmas, state: SamplerState, *, progress: bool = True, on_step=None
+    ) -> tuple[SamplerState, Report]:
         """Runs every step of the schedule from ``state``.
 
         Args:
@@ -188,6 +190,9 @@ class EulerSampler:
           sigmas: float32 [num_steps + 1] (``flow_match_sigmas``), or the solver's tables pytree.
           state: the initial SamplerState (donated: do not reuse it).
           progress: show a tqdm progress bar.
+          on_step: optional ``on_step(state)`` called after every step (outside the timed region), e.g. to keep
+            the intermediate latents; it must copy what it keeps (``np.array(state.latents)``): the state is
+            donated to the next step.
 
         Returns:
           (final state, Report).
@@ -213,6 +218,8 @@ class EulerSampler:
             state = exe(params, cond, sigmas, state)
             jax.block_until_ready(state.latents)
             report.step_times.setdefault(plan.label, []).append(time.perf_counter() - t0)
+            if on_step is not None:
+                on_step(state)
             if bar is not None:
                 bar.set_postfix_str(plan.label)
                 bar.update(1)

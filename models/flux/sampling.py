@@ -188,12 +188,17 @@ def unpack_latents(tokens: jax.Array, h: int, w: int) -> jax.Array:
 
 @dataclasses.dataclass
 class Generation:
-    """Result of ``generate``: final packed latents (raster order), VAE-layout latents, the report."""
+    """Result of ``generate``: final packed latents (raster order), VAE-layout latents, the report.
+
+    ``trajectory`` (only with ``generate(..., trajectory=True)``): float32 [steps, B, Ni, C_out] packed latents
+    in raster order after every step; its last entry equals ``tokens``.
+    """
 
     tokens: jax.Array
     latents: jax.Array
     report: Report
     state: SamplerState
+    trajectory: np.ndarray | None = None
 
 
 def _place(state: SamplerState, params, cond: FluxCond, mesh: Mesh | None, offload: frozenset[str]):
@@ -237,6 +242,7 @@ def generate(
     noise: jax.Array | None = None,
     progress: bool = True,
     mesh: Mesh | None = None,
+    trajectory: bool = False,
 ) -> Generation:
     """Samples FLUX.1 latents with flow-matching Euler and (optionally) Chipmunk.
 
@@ -258,6 +264,8 @@ def generate(
       mesh: a ``parallel.make_mesh(cfg=..., sp=...)`` mesh: the batch is split over 'cfg' (B divisible by it),
         tokens over 'sp' with Ulysses attention (heads and Nt + Ni divisible by it). None: one device.
         Independently of the mesh, cache fields chosen by ``chipmunk.offloading`` are kept in host memory.
+      trajectory: also keep the packed latents after every step (``Generation.trajectory``, raster order, on the
+        host) for per-step comparisons; the same compiled steps run, so the result is unchanged.
 
     Returns:
       A Generation.
@@ -297,8 +305,21 @@ def generate(
     offload = parallel.offloaded_fields(chipmunk.offloading) if chipmunk is not None else frozenset()
     if mesh is not None or offload:
         state, params, cond = _place(state, params, cond, mesh, offload)
-    state, report = EulerSampler(denoiser, schedule).run(params, cond, sigmas, state, progress=progress)
-    tokens = state.latents
-    if patchify_on:
-        tokens = unpatchify(tokens, h, w, c1=c1, c2=c2, axis=1)
-    return Generation(tokens=tokens, latents=unpack_latents(tokens, h, w), report=report, state=state)
+    sampler = EulerSampler(denoiser, schedule)
+    kept: list[np.ndarray] = []
+
+    def raster(tokens: jax.Array) -> jax.Array:
+        return unpatchify(tokens, h, w, c1=c1, c2=c2, axis=1) if patchify_on else tokens
+
+    def keep(s: SamplerState) -> None:
+        kept.append(np.array(raster(s.latents), np.float32, copy=True))  # a copy: the state is donated
+
+    state, report = sampler.run(params, cond, sigmas, state, progress=progress, on_step=keep if trajectory else None)
+    tokens = raster(state.latents)
+    return Generation(
+        tokens=tokens,
+        latents=unpack_latents(tokens, h, w),
+        report=report,
+        state=state,
+        trajectory=np.stack(kept) if trajectory else None,
+    )

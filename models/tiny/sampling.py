@@ -1,8 +1,8 @@
 """Sampling the tiny pixel-space Flux, dense and with Chipmunk, through the Flux sampler.
 
-``generate_images`` calls ``models.flux.sampling.generate`` as it is. ``sample_trajectory`` runs the same
-steps (the same ``FluxDenoiser``, schedule, caches and compiled step functions of ``chipmunk_jax.sampler``) but
-keeps the latents after every step, for the per-step error of ``chipmunk_jax.evaluate``.
+``generate_images`` calls ``models.flux.sampling.generate`` as it is; ``sample_trajectory`` calls it with
+``trajectory=True`` (the same compiled steps, keeping the latents after every step) for the per-step error of
+``chipmunk_jax.evaluate``.
 
 The Flux preset is tuned for FLUX.1's 4096 + 512 tokens. ``tiny_preset`` keeps every decision of it (top_keys,
 full-step cadence, dense layers, MLP quantile, patchify chunks) and shrinks only the granularities that are
@@ -16,29 +16,19 @@ GPU tile sizes and would otherwise swamp 2 + 256 tokens:
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from chipmunk_jax.cache import cache_nbytes
 from chipmunk_jax.config import ChipmunkConfig, preset
-from chipmunk_jax.reorder import patchify, unpatchify
-from chipmunk_jax.sampler import Report, SamplerState, compiled_step
-from chipmunk_jax.schedules import step_kinds
-from models.flux.model import Flux, init_flux_cache, position_ids, rope_table
+from chipmunk_jax.sampler import Report
+from models.flux.model import Flux
 from models.flux.sampling import (
     PIXELS_PER_TOKEN,
-    FluxCond,
-    FluxDenoiser,
-    flux_sigmas,
     generate,
-    pack_noise,
     unpack_latents,
 )
-from models.tiny.model import IMAGE_SIZE, TXT_LEN, conditioning, latent_to_image, token_grid
+from models.tiny.model import IMAGE_SIZE, conditioning, latent_to_image, token_grid
 
 
 def tiny_preset(base: ChipmunkConfig | None = None) -> ChipmunkConfig:
@@ -54,12 +44,6 @@ def tiny_preset(base: ChipmunkConfig | None = None) -> ChipmunkConfig:
         attn=dataclasses.replace(base.attn, counts_multiple_of=16, mbm=16),
         mlp=dataclasses.replace(base.mlp, bm=64, counts_multiple_of=32),
     )
-
-
-def _disabled() -> ChipmunkConfig:
-    c = ChipmunkConfig()
-    off = dict(is_enabled=False)
-    return c.replace(attn=dataclasses.replace(c.attn, **off), mlp=dataclasses.replace(c.mlp, **off))
 
 
 def tokens_to_images(tokens: jax.Array, image_size: int = IMAGE_SIZE) -> np.ndarray:
@@ -133,43 +117,20 @@ def sample_trajectory(
     Returns:
       A Trajectory whose final latents equal ``generate``'s.
     """
-    cfg = model.cfg
     txt, y = conditioning(np.asarray(labels))
     h, w = token_grid(image_size)
-    b, ni = txt.shape[0], h * w
-    patch = chipmunk is not None and chipmunk.patchify.is_enabled
-    c1, c2 = (chipmunk.patchify.chunk_size_1, chipmunk.patchify.chunk_size_2) if chipmunk else (8, 4)
-    if patch and (h % c1 or w % c1):
-        raise ValueError(f"a {h}x{w} token grid is not a multiple of the patchify chunk {c1}")
-    key = jax.random.key(seed)
-    x = pack_noise(jax.random.fold_in(key, 0), b, h, w, cfg.in_channels)
-    cos, sin = rope_table(position_ids(TXT_LEN, h, w), cfg.axes_dim, cfg.theta)
-    if patch:
-        cos, sin = (patchify(a, h, w, c1=c1, c2=c2, axis=0, start=TXT_LEN) for a in (cos, sin))
-        x = patchify(x, h, w, c1=c1, c2=c2, axis=1)
-    dt = model.dtype
-    cond = FluxCond(txt=txt.astype(dt), y=y.astype(dt), guidance=None, cos=cos, sin=sin)
-    plan_cfg = chipmunk if chipmunk is not None else _disabled()
-    schedule = step_kinds(plan_cfg, steps, cfg.num_layers)
-    cache = init_flux_cache(
-        cfg, chipmunk, batch=b, txt_len=TXT_LEN, img_len=ni, dtype=dt, step_caching=plan_cfg.step_caching.is_enabled
+    gen = generate(
+        model,
+        txt,
+        y,
+        width=w * PIXELS_PER_TOKEN,
+        height=h * PIXELS_PER_TOKEN,
+        steps=steps,
+        seed=seed,
+        guidance=None,
+        chipmunk=chipmunk,
+        backend=backend,
+        progress=False,
+        trajectory=True,
     )
-    graphdef, params = nnx.split(model)
-    denoiser = FluxDenoiser(graphdef, chipmunk, backend)
-    sigmas = jnp.asarray(flux_sigmas(steps, ni, dynamic_shift=cfg.guidance_embed), jnp.float32)
-    state = SamplerState(step=jnp.zeros((), jnp.int32), latents=x, cache=cache, rng=jax.random.fold_in(key, 1))
-    report, kept = Report(), []
-    for plan in schedule.steps:
-        exe, comp = compiled_step(denoiser, plan, params, cond, sigmas, state)
-        if comp:
-            report.compile_s[plan.label] = report.compile_s.get(plan.label, 0.0) + comp
-        t0 = time.perf_counter()
-        state = exe(params, cond, sigmas, state)
-        jax.block_until_ready(state.latents)
-        report.step_times.setdefault(plan.label, []).append(time.perf_counter() - t0)
-        lat = unpatchify(state.latents, h, w, c1=c1, c2=c2, axis=1) if patch else state.latents
-        kept.append(np.asarray(lat, np.float32))  # a copy: the state is donated to the next step
-    report.stats = dict(denoiser.stats(state.cache))
-    report.cache_bytes = cache_nbytes(state.cache)
-    latents = np.stack(kept)
-    return Trajectory(images=tokens_to_images(jnp.asarray(latents[-1]), image_size), latents=latents, report=report)
+    return Trajectory(images=tokens_to_images(gen.tokens, image_size), latents=gen.trajectory, report=gen.report)
