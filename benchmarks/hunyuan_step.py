@@ -41,13 +41,12 @@ from models.flux.sampling import default_attention_impl
 from models.hunyuan_video import (
     HUNYUAN_VIDEO_13B,
     ChipmunkRun,
-    HunyuanVideoTransformer3D,
     forward,
     hunyuan_static_mask,
     init_hunyuan_cache,
     post_patch_grid,
 )
-from models.wan.generate import numpy_random
+from models.hunyuan_video.generate import random_model
 
 GENERATION_STEPS = 50  # the schedule the timed steps are taken from (the pipeline's default)
 FLOW_SHIFT = 7.0  # HunyuanVideo's scheduler shift
@@ -125,12 +124,6 @@ def _setup(args) -> tuple:
     return cfg, frames, width, height, text_len, valid, reduced
 
 
-def random_model(cfg, *, host: bool, seed: int) -> HunyuanVideoTransformer3D:
-    """bf16 random weights: numpy draws for small models (fast to set up on a CPU), else one jitted init."""
-    make = lambda: HunyuanVideoTransformer3D(cfg, rngs=nnx.Rngs(seed), dtype=jnp.bfloat16)
-    return numpy_random(make, seed) if host else nnx.jit(make)()
-
-
 def _density(cache) -> float:
     """Fraction of (query group, key) pairs the last mask step selected, over every sparsified layer."""
     a = cache.attn
@@ -170,7 +163,8 @@ def main(argv=None) -> int:
         f"{text_len} ({valid} valid); batch 1 (embedded guidance), bf16 random weights; device {jax.devices()[0]}"
     )
     t0 = time.perf_counter()
-    model = random_model(cfg, host=args.tiny, seed=args.seed)
+    # bf16 random weights: numpy draws for --tiny (fast to set up on a CPU), else one jitted initialisation.
+    model = random_model(cfg, jnp.bfloat16, args.seed, host=args.tiny)
     graphdef, state = nnx.split(model)
     print(f"init: {time.perf_counter() - t0:.1f} s")
     rng = np.random.default_rng(args.seed)

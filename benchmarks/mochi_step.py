@@ -38,16 +38,15 @@ from models.mochi import (
     MOCHI_1_PREVIEW,
     ChipmunkRun,
     MochiConfig,
-    MochiTransformer3D,
     forward,
     init_mochi_cache,
     mochi_static_mask,
     post_patch_grid,
     tiny_config,
 )
+from models.mochi.generate import random_model
+from models.mochi.sampling import latent_size
 
-# Mochi's VAE: 6x temporal (causal: frames = 6 (F - 1) + 1), 8x spatial compression.
-TEMPORAL, SPATIAL = 6, 8
 RELEASE = dict(frames=163, size="848x480", text_len=256, steps=5, dense_steps=2, dtype="bf16")
 # --tiny: 4 layers (2 dense in the preset + 2 sparse), 2 heads x 16; latent 4 x 24 x 32 -> 768 video tokens.
 TINY = dict(frames=19, size="256x192", text_len=8, steps=4, dense_steps=2, dtype="fp32")
@@ -84,13 +83,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int]:
-    """Latent (F, H, W) of a ``frames`` x ``height`` x ``width`` video under Mochi's VAE."""
-    if (frames - 1) % TEMPORAL or height % (2 * SPATIAL) or width % (2 * SPATIAL):
-        raise ValueError(
-            f"need frames = 6k + 1 and a size in multiples of 16 (latent patch 2 x VAE 8), got {frames} frames at "
-            f"{width}x{height}; e.g. 163 frames at 848x480"
-        )
-    return (frames - 1) // TEMPORAL + 1, height // SPATIAL, width // SPATIAL
+    """Latent (F, H, W) of a ``frames`` x ``height`` x ``width`` video under Mochi's VAE (6x time, first frame
+    kept; 8x space): ``models.mochi.sampling.latent_size``, which names the nearest valid sizes."""
+    return latent_size(frames, height, width)
 
 
 def model_config(args) -> tuple[MochiConfig, bool]:
@@ -102,19 +97,6 @@ def model_config(args) -> tuple[MochiConfig, bool]:
         num_layers=args.layers or MOCHI_1_PREVIEW.num_layers, heads=args.heads or MOCHI_1_PREVIEW.heads
     )
     return cfg, cfg != MOCHI_1_PREVIEW
-
-
-def random_model(cfg: MochiConfig, dtype, seed: int) -> MochiTransformer3D:
-    """Random weights: numpy draws for small models (compiling the initialisers costs more on CPU), else one
-    jitted initialisation on the device."""
-    from flax import nnx
-
-    from models.wan.generate import numpy_random
-
-    make = lambda: MochiTransformer3D(cfg, rngs=nnx.Rngs(seed), dtype=dtype)
-    if cfg.num_layers * cfg.dim * cfg.ffn_dim < 50_000_000:
-        return numpy_random(make, seed)
-    return nnx.jit(make)()
 
 
 def _kind(plan: StepPlan | None) -> str:
@@ -167,7 +149,9 @@ def main(argv=None) -> int:
     from flax import nnx
 
     t0 = time.perf_counter()
-    model = random_model(cfg, dtype, args.seed)
+    # Random weights: numpy draws for small models (compiling the initialisers costs more on CPU), else one
+    # jitted initialisation on the device.
+    model = random_model(cfg, dtype, args.seed, host=cfg.num_layers * cfg.dim * cfg.ffn_dim < 50_000_000)
     graphdef, state = nnx.split(model)
     jax.block_until_ready(state)
     n_params = sum(x.size for x in jax.tree.leaves(state))

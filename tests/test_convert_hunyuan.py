@@ -20,7 +20,7 @@ from convert_weights import hunyuan_video as ch
 from convert_weights.__main__ import main
 from models.hunyuan_video import HUNYUAN_VIDEO_13B, forward, tiny_config
 from models.hunyuan_video.load import load_transformer, read_config
-from tests.models.test_hunyuan_transformer import _inputs, _rel, _torch_model, _torch_out
+from tests.models.helpers import hunyuan_inputs, hunyuan_torch_model, hunyuan_torch_out, rel
 
 # Not the release values, so that config.json (or the CLI options) must really be read: an MLP ratio of 3 for
 # the blocks (the refiner keeps 4) and a RoPE base of 64.
@@ -31,7 +31,7 @@ ROPE = dict(rope_axes_dim=CFG.rope_axes_dim, rope_theta=CFG.rope_theta)
 @pytest.fixture(scope="module")
 def tiny():
     """(torch model with every parameter random, its state dict as numpy)."""
-    tm = _torch_model(CFG, seed=3)
+    tm = hunyuan_torch_model(CFG, seed=3)
     sd = {k: v.detach().numpy().copy() for k, v in tm.state_dict().items()}
     return tm, sd
 
@@ -123,10 +123,10 @@ def test_diffusers_directory_converts_to_a_model_matching_diffusers(tiny, tmp_pa
     assert m["num_params"] == sum(p.numel() for p in tm.parameters())
 
     model = load_transformer(tmp_path / "ckpt")
-    inputs = _inputs(CFG, valid=[6, 9], seed=2)  # one prompt padded, one not
-    ref = _torch_out(tm, *inputs)
+    inputs = hunyuan_inputs(CFG, valid=[6, 9], seed=2)  # one prompt padded, one not
+    ref = hunyuan_torch_out(tm, *inputs)
     out, _ = forward(*nnx.split(model), *(jnp.asarray(a) for a in inputs))
-    err = _rel(out, ref)
+    err = rel(out, ref)
     assert err <= 3e-5, err  # measured 1.1e-5 (float32; the same as the transformer test's own mapping)
 
 

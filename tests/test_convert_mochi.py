@@ -29,6 +29,7 @@ from convert_weights import mochi as cm
 from convert_weights.__main__ import main as convert_main
 from models.mochi import MOCHI_1_PREVIEW, MochiConfig, forward, tiny_config
 from models.mochi.load import load_transformer
+from tests.models.helpers import mochi_diffusers_module, rel
 
 REL_TOL = 2e-5
 LAYERS = 48  # diffusers' original -> diffusers converter is written for the release depth
@@ -38,17 +39,7 @@ TEXT_SLOTS = 7
 
 def _diffusers(cfg: MochiConfig, seed: int) -> MochiTransformer3DModel:
     """A diffusers model of ``cfg`` with every parameter drawn at random (none left at its init)."""
-    m = MochiTransformer3DModel(
-        patch_size=cfg.patch_size,
-        num_attention_heads=cfg.heads,
-        attention_head_dim=cfg.head_dim,
-        num_layers=cfg.num_layers,
-        pooled_projection_dim=cfg.text_width,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        text_embed_dim=cfg.text_dim,
-        time_embed_dim=cfg.time_embed_dim,
-    ).eval()
+    m = mochi_diffusers_module(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -151,11 +142,6 @@ def reference(tiny):
     return (lat, ts, txt, mask), ref.numpy()
 
 
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 def _run(model, inputs) -> np.ndarray:
     graphdef, state = nnx.split(model)
     out, _ = forward(graphdef, state, *(jnp.asarray(a) for a in inputs))
@@ -175,7 +161,7 @@ def test_diffusers_directory_matches_torch(tiny, reference, tmp_path):
     model = load_transformer(dst)
     assert model.cfg == cfg and model.dtype == jnp.float32
     inputs, ref = reference
-    err = _rel(_run(model, inputs), ref)
+    err = rel(_run(model, inputs), ref)
     assert err < REL_TOL, err
 
 
@@ -189,7 +175,7 @@ def test_original_file_matches_torch(tiny, reference, tmp_path):
     m = cm.convert(release, tmp_path / "ckpt", dtype="fp32", hash_sources=False)
     assert m["source_format"] == "original" and [s["file"] for s in m["sources"]] == ["dit.safetensors"]
     inputs, ref = reference
-    err = _rel(_run(load_transformer(tmp_path / "ckpt"), inputs), ref)
+    err = rel(_run(load_transformer(tmp_path / "ckpt"), inputs), ref)
     assert err < REL_TOL, err
     # ComfyUI single file: the original names behind a prefix; same parameters as from diffusers names.
     comfy = tmp_path / "mochi_comfy.safetensors"

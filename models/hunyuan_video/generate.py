@@ -47,14 +47,21 @@ from pathlib import Path
 
 import numpy as np
 
-from models.wan.generate import (
+from models.video_io import (
     UsageError,
-    _have_ffmpeg,
+    add_model_arguments,
+    add_output_arguments,
+    check_grid,
+    check_prompt_args,
+    check_vae_dir,
+    check_video_args,
+    chipmunk_from_args,
     numpy_random,
-    parse_size,
+    optional_module,
+    random_module,
+    save_outputs,
     to_uint8_frames,
-    write_pngs,
-    write_video,
+    write_videos,
 )
 
 EMB_TEXT, EMB_MASK, EMB_POOLED = "prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds"
@@ -92,19 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--true-cfg", type=float, default=1.0, help="diffusers' true_cfg_scale; > 1 needs a negative prompt (off)"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=None, help="videos per call (default: the embeddings' batch)")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--chipmunk-config", help="reference chipmunk-config.yml (on top of the HunyuanVideo preset)")
-    mode.add_argument("--dense", action="store_true", help="plain dense HunyuanVideo (no Chipmunk, no step caching)")
-    p.add_argument("--backend", default="auto", help="Chipmunk operator backend: auto, xla, reference, mosaic_gpu")
-    p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's; bf16 for random)")
-    p.add_argument(
-        "--attention-impl",
-        default="auto",
-        choices=("auto", "xla", "cudnn"),
-        help="dense attention (jax.nn.dot_product_attention); auto: cudnn for bf16/fp16 on a GPU, else xla",
-    )
+    add_model_arguments(p, "HunyuanVideo")
     vae = p.add_mutually_exclusive_group()
     vae.add_argument("--vae", help="converted HunyuanVideo VAE directory (python -m convert_weights hunyuan-vae)")
     vae.add_argument("--random-vae", action="store_true", help="a random VAE (tiny with --tiny) to test decoding")
@@ -114,10 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode in overlapping spatial tiles too (diffusers' vae.enable_tiling(); advised at 720p for memory)",
     )
     p.add_argument("--no-decode", action="store_true", help="write the latents only, even with a VAE")
-    p.add_argument("--png", action="store_true", help="write PNG frames instead of an MP4")
-    p.add_argument("--fps", type=int, default=FPS)
-    p.add_argument("--out-dir", default="hunyuan_out", help="output directory (created)")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_arguments(p, fps=FPS, out_dir="hunyuan_out")
     return p
 
 
@@ -185,22 +177,14 @@ def _repeat(triple, b: int):
 def _embeddings(args, cfg):
     """(prompt triple, negative triple or None) as numpy, or None when --prompt encodes later."""
     want_negative = args.true_cfg > 1.0
-    if args.prompt is not None:
-        missing = [f for f in ("llama", "tokenizer", "clip", "clip_tokenizer") if getattr(args, f) is None]
-        if missing:
-            flags = ", ".join("--" + m.replace("_", "-") for m in missing)
-            raise UsageError(f"--prompt needs {flags} (the Llama and CLIP text encoders and their tokenizers)")
-        for name in ("llama", "tokenizer", "clip", "clip_tokenizer"):
-            if not os.path.isdir(getattr(args, name)):
-                raise UsageError(f"--{name.replace('_', '-')} directory {getattr(args, name)} does not exist")
+    if args.prompt is None and args.negative_prompt is not None:
+        raise UsageError("--negative-prompt goes with --prompt (with --embeddings store negative_* arrays)")
+    encoders = ("llama", "tokenizer", "clip", "clip_tokenizer")
+    if check_prompt_args(args, encoders, "the Llama and CLIP text encoders and their tokenizers"):
         if want_negative and args.negative_prompt is None:
             raise UsageError("--true-cfg > 1 needs --negative-prompt (or --true-cfg 1: embedded guidance only)")
         return None
-    if args.negative_prompt is not None:
-        raise UsageError("--negative-prompt goes with --prompt (with --embeddings store negative_* arrays)")
     if args.embeddings is None:
-        if not args.random_weights:
-            raise UsageError("give --embeddings or --prompt (random embeddings only with --random-weights)")
         rng = np.random.default_rng(args.seed)
         b = args.batch or 1
         length = 20 if args.tiny else TEXT_LEN
@@ -226,31 +210,9 @@ def _embeddings(args, cfg):
     return _repeat(prompt, b), negative
 
 
-def _chipmunk(args):
-    import chipmunk_jax
-
-    if args.dense:
-        return None
-    if args.chipmunk_config:
-        if not os.path.exists(args.chipmunk_config):
-            raise UsageError(f"chipmunk config {args.chipmunk_config} does not exist")
-        try:
-            ck = chipmunk_jax.load_config(args.chipmunk_config, base="hunyuan")
-        except ValueError as e:
-            raise UsageError(f"{args.chipmunk_config}: {e}") from e
-        if ck.mlp.is_enabled:
-            raise UsageError("HunyuanVideo sparsifies attention only: set mlp.is_enabled: false in the Chipmunk config")
-        return ck
-    return chipmunk_jax.preset("hunyuan")
-
-
 def _vae_module():
     """The models.vae.hunyuan_vae module, or None when it is not in this installation."""
-    try:
-        import models.vae.hunyuan_vae as hunyuan_vae
-    except ImportError:
-        return None
-    return hunyuan_vae
+    return optional_module("models.vae.hunyuan_vae")
 
 
 def _check_valid_lengths(chipmunk, emb) -> None:
@@ -273,58 +235,41 @@ def prepare(args):
     from models.hunyuan_video.sampling import latent_size
     from models.hunyuan_video.transformer import post_patch_grid
 
-    width, height = parse_size(args.size)
-    try:
-        latent = latent_size(args.frames, height, width)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    for name in ("steps", "batch", "fps", "max_sequence_length"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    minimums = {"steps": 1, "batch": 1, "fps": 1, "max_sequence_length": 1}
+    width, height, latent = check_video_args(args, latent_size, minimums)
     if args.flow_shift <= 0:
         raise UsageError(f"--flow-shift must be > 0, got {args.flow_shift}")
-    if args.random_vae and not args.random_weights:
-        raise UsageError("--random-vae only goes with --random-weights (use --vae DIR with a checkpoint)")
-    if args.vae and not os.path.isdir(args.vae):
-        raise UsageError(f"VAE directory {args.vae} does not exist")
     decode = (args.vae or args.random_vae) and not args.no_decode
     if decode and _vae_module() is None:
         raise UsageError("models.vae.hunyuan_vae is not available in this installation: use --no-decode")
     cfg, dtype = _model_config(args)
-    try:
-        post_patch_grid(cfg, *latent)
-    except ValueError as e:
-        raise UsageError(f"--frames/--size: {e}") from e
+    check_grid(post_patch_grid, cfg, latent)
     if args.vae and decode:
-        from convert_weights.common import read_manifest
-
-        try:
-            vm = read_manifest(args.vae)
-        except (FileNotFoundError, ValueError) as e:
-            raise UsageError(f"--vae: {e}") from e
-        if vm.get("model") != "hunyuan_vae":
-            raise UsageError(f"{args.vae} holds a {vm.get('model')!r} checkpoint, not a HunyuanVideo VAE")
-        z = vm.get("config", {}).get("latent_channels")
-        if z != cfg.out_channels:
-            raise UsageError(f"the VAE has {z} latent channels, the model {cfg.out_channels}")
-    chipmunk = _chipmunk(args)
+        check_vae_dir(
+            args.vae,
+            model="hunyuan_vae",
+            name="a HunyuanVideo VAE",
+            channels_key="latent_channels",
+            channels=cfg.out_channels,
+        )
+    chipmunk = chipmunk_from_args(args, "hunyuan", "HunyuanVideo")
     emb = _embeddings(args, cfg)
     _check_valid_lengths(chipmunk, emb)
     return cfg, (args.dtype or dtype), chipmunk, (width, height), emb
 
 
-def random_model(cfg, dtype, seed: int = 0):
-    """A HunyuanVideoTransformer3D with random weights: numpy draws for small models, else one jitted init."""
+def random_model(cfg, dtype, seed: int = 0, *, host: bool | None = None):
+    """A HunyuanVideoTransformer3D with random weights: numpy draws (``host``; default for models under 100M
+    parameters: compiling jax.random initialisers costs far more on a CPU), else one jitted initialisation."""
     import jax.numpy as jnp
     from flax import nnx
 
     from models.hunyuan_video.transformer import HunyuanVideoTransformer3D
 
     make = lambda: HunyuanVideoTransformer3D(cfg, rngs=nnx.Rngs(seed), dtype=jnp.dtype(dtype))
-    if cfg.num_layers * 12 * cfg.hidden * cfg.hidden < 100_000_000:
-        return numpy_random(make, seed)
-    return nnx.jit(make)()
+    if host is None:
+        host = cfg.num_layers * 12 * cfg.hidden * cfg.hidden < 100_000_000
+    return random_module(make, seed, host=host)
 
 
 def load_clip(path: str, dtype=None):
@@ -493,18 +438,13 @@ def main(argv: list[str] | None = None) -> int:
         attention_impl=impl,
         progress=not args.no_progress,
     )
-    np.save(out / "latents.npy", np.asarray(gen.latents, np.float32))
     mode = "dense" if chipmunk is None else "chipmunk"
     head = (
         f"{mode} HunyuanVideo ({'tiny random' if args.tiny else args.checkpoint or '13B random'}), "
         f"{args.frames} frames {width}x{height}, {args.steps} Euler steps, shift {args.flow_shift}, "
         f"embedded guidance {args.guidance}, seed {args.seed}"
     )
-    text = head + "\n" + gen.report.format()
-    (out / "report.txt").write_text(text + "\n")
-    (out / "report.json").write_text(json.dumps(_report_json(args, chipmunk, width, height, gen), indent=2) + "\n")
-    print(text)
-    print(f"wrote {out / 'latents.npy'} {tuple(gen.latents.shape)}, {out / 'report.json'}")
+    save_outputs(out, gen.latents, head + "\n" + gen.report.format(), _report_json(args, chipmunk, width, height, gen))
     if args.no_decode or not (args.vae or args.random_vae):
         print("latents only (--no-decode, or no --vae DIR / --random-vae given)")
         return 0
@@ -513,14 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    use_png = args.png or not _have_ffmpeg()
-    if use_png and not args.png:
-        print("imageio-ffmpeg is not installed: writing PNG frames instead of an MP4")
-    for b, video in enumerate(frames):
-        path = (
-            write_pngs(video, out / f"frames_{b}") if use_png else write_video(video, out / f"video_{b}.mp4", args.fps)
-        )
-        print(f"wrote {path} ({video.shape[0]} frames {video.shape[2]}x{video.shape[1]})")
+    write_videos(frames, out, fps=args.fps, png=args.png)
     return 0
 
 

@@ -44,7 +44,7 @@ from models.hunyuan_video.transformer import (
     post_patch_grid,
     valid_text_length,
 )
-from models.wan.sampling import WanDenoiser, _dense_plan_config, latent_size
+from models.video import attention_stats, cfg_batch, dense_plan_config, guide, initial_latents, video_latent_size
 
 __all__ = [
     "DEFAULT_FLOW_SHIFT",
@@ -60,6 +60,18 @@ __all__ = [
 DEFAULT_GUIDANCE = 6.0  # embedded guidance of the released pipeline
 DEFAULT_FLOW_SHIFT = 7.0  # shift of the release's FlowMatchEulerDiscreteScheduler
 NUM_TRAIN_TIMESTEPS = 1000
+# The HunyuanVideo VAE keeps the first frame and compresses the rest by 4 in time, by 8 in space; patch 2 x 2.
+VAE_TEMPORAL, VAE_SPATIAL = 4, 8
+PIXEL_MULTIPLE = 16
+
+
+def latent_size(frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """Latent (F, H, W) of a video of ``frames`` x ``height`` x ``width`` pixels; raises ValueError if invalid.
+
+    Frames must be 4k + 1 and height / width multiples of 16 (VAE 8 x patch 2); the message names the nearest
+    valid values.
+    """
+    return video_latent_size(frames, height, width, temporal=VAE_TEMPORAL, spatial=VAE_SPATIAL, multiple=PIXEL_MULTIPLE)
 
 
 def hunyuan_sigmas(steps: int, shift: float = DEFAULT_FLOW_SHIFT) -> np.ndarray:
@@ -100,14 +112,25 @@ class HunyuanCond:
 
 
 @dataclasses.dataclass(frozen=True)
-class HunyuanDenoiser(WanDenoiser):
+class HunyuanDenoiser:
     """The HunyuanVideo velocity for ``chipmunk_jax.sampler`` (static and hashable: holds the graphdef).
 
-    Shares Wan's batch handling (``cfg``: one model call on [cond; uncond], combined as
-    ``uncond + scale * (cond - uncond)``) and its sparsity statistics. ``text_len`` is the static valid prompt
-    length the Chipmunk caches and static mask are built for (None without sparse attention).
+    Attributes:
+      graphdef: ``nnx.split(model)[0]``.
+      chipmunk: the Chipmunk config, or None for the dense model.
+      cfg: diffusers' true CFG on: one model call on the batch [cond; uncond], combined as
+        ``uncond + true_cfg * (cond - uncond)`` (``models.video.guide``).
+      backend: Chipmunk operator backend.
+      attention_impl: ``implementation`` of jax.nn.dot_product_attention for dense attention.
+      text_len: the static valid prompt length the Chipmunk caches and static mask are built for (None without
+        sparse attention).
     """
 
+    graphdef: Any
+    chipmunk: ChipmunkConfig | None = None
+    cfg: bool = False
+    backend: str = "auto"
+    attention_impl: str | None = None
     text_len: int | None = None
 
     def _timestep(self, sigma: jax.Array, batch: int) -> jax.Array:
@@ -117,7 +140,7 @@ class HunyuanDenoiser(WanDenoiser):
     def velocity(self, params, cond: HunyuanCond, latents, sigma, cache: HunyuanCache, rng, step, plan):
         """Velocity [B, C, F, H, W] float32 at ``sigma`` and the new cache (a computed step)."""
         model: HunyuanVideoTransformer3D = nnx.merge(self.graphdef, params)
-        x = self._batch(latents)
+        x = cfg_batch(latents, self.cfg)
         run = None
         if self.chipmunk is not None and self.chipmunk.attn.is_enabled:
             run = ChipmunkRun(self.chipmunk, plan, self.backend)
@@ -139,7 +162,7 @@ class HunyuanDenoiser(WanDenoiser):
             static_mask=sm,
             attention_impl=self.attention_impl,
         )
-        return self._guide(out, cond.true_cfg), cache
+        return guide(out, cond.true_cfg, self.cfg), cache
 
     def skip_velocity(self, params, cond: HunyuanCond, latents, sigma, cache: HunyuanCache):
         """Velocity of a skipped step: the output head on the cached pre-head hidden states (SPEC §4)."""
@@ -149,7 +172,11 @@ class HunyuanDenoiser(WanDenoiser):
         grid = post_patch_grid(model.cfg, *latents.shape[2:])
         ts = self._timestep(sigma, cache.hidden.shape[0])
         out = model.final_layer(cache.hidden, ts, cond.pooled, cond.guidance, grid)
-        return self._guide(out, cond.true_cfg)
+        return guide(out, cond.true_cfg, self.cfg)
+
+    def stats(self, cache: HunyuanCache) -> dict[str, float]:
+        """Achieved attention density on sparse steps (keys computed per query group / keys), every row."""
+        return attention_stats(self.chipmunk, cache.attn)
 
 
 @dataclasses.dataclass
@@ -278,12 +305,7 @@ def generate(
 
     dt = model.dtype
     key = jax.random.key(seed)
-    if noise is None:
-        # numpy's generator: the same noise on every platform, and nothing to compile.
-        noise = np.random.default_rng(seed).standard_normal((b, cfg.in_channels, f, h, w), np.float32)
-    if tuple(noise.shape) != (b, cfg.in_channels, f, h, w):
-        raise ValueError(f"noise must be {(b, cfg.in_channels, f, h, w)}, got {tuple(noise.shape)}")
-    x = jnp.array(noise, jnp.float32, copy=True)  # the state is donated; never hand over the caller's array
+    x = initial_latents(noise, (b, cfg.in_channels, f, h, w), seed)
 
     sm = None
     if sparse:
@@ -299,12 +321,10 @@ def generate(
         true_cfg=jnp.asarray(true_cfg, jnp.float32),
         static_mask=sm,
     )
-    schedule = step_kinds(chipmunk if chipmunk is not None else _dense_plan_config(), steps, cfg.num_layers)
+    schedule = step_kinds(chipmunk if chipmunk is not None else dense_plan_config(), steps, cfg.num_layers)
     cache = init_hunyuan_cache(cfg, chipmunk, batch=batch, grid=grid, text_len=text_len or 0, dtype=dt)
     graphdef, params = nnx.split(model)
-    denoiser = HunyuanDenoiser(
-        graphdef, chipmunk, use_cfg, backend, attention_impl, mesh=None, text_len=text_len if sparse else None
-    )
+    denoiser = HunyuanDenoiser(graphdef, chipmunk, use_cfg, backend, attention_impl, text_len if sparse else None)
     state = SamplerState(
         step=jnp.zeros((), jnp.int32),
         latents=x,

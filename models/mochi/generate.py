@@ -43,7 +43,22 @@ from pathlib import Path
 
 import numpy as np
 
-from models.wan.generate import UsageError, numpy_random, parse_size, to_uint8_frames, write_pngs, write_video
+from models.video_io import (
+    UsageError,
+    add_model_arguments,
+    add_output_arguments,
+    check_grid,
+    check_prompt_args,
+    check_vae_dir,
+    check_video_args,
+    chipmunk_from_args,
+    numpy_random,
+    optional_module,
+    random_module,
+    save_outputs,
+    to_uint8_frames,
+    write_videos,
+)
 
 EMB_COND, MASK_COND = "prompt_embeds", "prompt_attention_mask"
 EMB_UNCOND, MASK_UNCOND = "negative_prompt_embeds", "negative_prompt_attention_mask"
@@ -79,11 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="848x480", help="WIDTHxHEIGHT in pixels, multiples of 16 (default 848x480)")
     p.add_argument("--steps", type=int, default=64, help="denoising steps, >= 2 (default 64)")
     p.add_argument("--guidance", type=float, default=4.5, help="CFG scale; <= 1 disables CFG (default 4.5)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=None, help="videos per call (default: the embeddings' batch)")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--chipmunk-config", help="reference chipmunk-config.yml (on top of the Mochi preset)")
-    mode.add_argument("--dense", action="store_true", help="plain dense Mochi (no Chipmunk, no step caching)")
+    add_model_arguments(p, "Mochi")
     p.add_argument(
         "--text-groups",
         default="split",
@@ -91,23 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Chipmunk with prompts of different token counts: one exact call per count (split, default) or one "
         "call padding every prompt to the longest (pad, approximate)",
     )
-    p.add_argument("--backend", default="auto", help="Chipmunk operator backend: auto, xla, reference, mosaic_gpu")
-    p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's; bf16 for random)")
-    p.add_argument(
-        "--attention-impl",
-        default="auto",
-        choices=("auto", "xla", "cudnn"),
-        help="dense attention (jax.nn.dot_product_attention); auto: cudnn for bf16/fp16 on a GPU, else xla",
-    )
     vae = p.add_mutually_exclusive_group()
     vae.add_argument("--vae", help="converted Mochi VAE directory (python -m convert_weights mochi-vae ...)")
     vae.add_argument("--random-vae", action="store_true", help="a random VAE (tiny with --tiny) to test decoding")
     p.add_argument("--no-decode", action="store_true", help="write latents only, even with a VAE")
     p.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles (diffusers' enable_tiling)")
-    p.add_argument("--png", action="store_true", help="write PNG frames instead of an MP4")
-    p.add_argument("--fps", type=int, default=FPS)
-    p.add_argument("--out-dir", default="mochi_out", help="output directory (created)")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_arguments(p, fps=FPS, out_dir="mochi_out")
     return p
 
 
@@ -138,17 +138,9 @@ def _check_pair(emb: np.ndarray, mask: np.ndarray, names: tuple[str, str], dim: 
 
 def _embeddings(args, cfg, use_cfg: bool):
     """(cond [B, L, D], mask [B, L], uncond [1|B, L', D] or None, its mask) as numpy, or None for --prompt."""
-    if args.prompt is not None:
-        missing = [f for f in ("t5", "tokenizer") if getattr(args, f) is None]
-        if missing:
-            raise UsageError(f"--prompt needs {', '.join('--' + m for m in missing)} (T5-XXL and its tokenizer)")
-        for name in ("t5", "tokenizer"):
-            if not os.path.isdir(getattr(args, name)):
-                raise UsageError(f"--{name} directory {getattr(args, name)} does not exist")
+    if check_prompt_args(args, ("t5", "tokenizer"), "T5-XXL and its tokenizer"):
         return None
     if args.embeddings is None:
-        if not args.random_weights:
-            raise UsageError("give --embeddings or --prompt (random embeddings only with --random-weights)")
         rng = np.random.default_rng(args.seed)
         b = args.batch or 1
         length, valid = (8, 5) if args.tiny else (TEXT_LEN, 24)
@@ -182,31 +174,9 @@ def _embeddings(args, cfg, use_cfg: bool):
     return cond, mask, uncond, umask
 
 
-def _chipmunk(args):
-    import chipmunk_jax
-
-    if args.dense:
-        return None
-    if args.chipmunk_config:
-        if not os.path.exists(args.chipmunk_config):
-            raise UsageError(f"chipmunk config {args.chipmunk_config} does not exist")
-        try:
-            ck = chipmunk_jax.load_config(args.chipmunk_config, base="mochi")
-        except ValueError as e:
-            raise UsageError(f"{args.chipmunk_config}: {e}") from e
-        if ck.mlp.is_enabled:
-            raise UsageError("Mochi sparsifies attention only: set mlp.is_enabled: false in the Chipmunk config")
-        return ck
-    return chipmunk_jax.preset("mochi")
-
-
 def _vae_module():
     """The models.vae.mochi_vae module, or None when it is not in this installation."""
-    try:
-        import models.vae.mochi_vae as mochi_vae
-    except ImportError:
-        return None
-    return mochi_vae
+    return optional_module("models.vae.mochi_vae")
 
 
 def _wants_decode(args) -> bool:
@@ -218,39 +188,16 @@ def prepare(args):
     from models.mochi.sampling import latent_size
     from models.mochi.transformer import post_patch_grid
 
-    width, height = parse_size(args.size)
-    try:
-        latent = latent_size(args.frames, height, width)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    for name, low in (("steps", 2), ("batch", 1), ("fps", 1)):
-        v = getattr(args, name)
-        if v is not None and v < low:
-            raise UsageError(f"--{name} must be >= {low}, got {v}")
-    if args.random_vae and not args.random_weights:
-        raise UsageError("--random-vae only goes with --random-weights (use --vae DIR with a checkpoint)")
-    if args.vae and not os.path.isdir(args.vae):
-        raise UsageError(f"VAE directory {args.vae} does not exist")
+    width, height, latent = check_video_args(args, latent_size, {"steps": 2, "batch": 1, "fps": 1})
     if _wants_decode(args) and _vae_module() is None:
         raise UsageError("models.vae.mochi_vae is not available in this installation: use --no-decode (latents only)")
     cfg, dtype = _model_config(args)
-    try:
-        post_patch_grid(cfg, *latent)
-    except ValueError as e:
-        raise UsageError(f"--frames/--size: {e}") from e
+    check_grid(post_patch_grid, cfg, latent)
     if args.vae:
-        from convert_weights.common import read_manifest
-
-        try:
-            vm = read_manifest(args.vae)
-        except (FileNotFoundError, ValueError) as e:
-            raise UsageError(f"--vae: {e}") from e
-        if vm.get("model") != "mochi_vae":
-            raise UsageError(f"{args.vae} holds a {vm.get('model')!r} checkpoint, not a Mochi VAE")
-        z = vm["config"].get("latent_channels")
-        if z != cfg.out_channels:
-            raise UsageError(f"the VAE has {z} latent channels, the transformer {cfg.out_channels}")
-    chipmunk = _chipmunk(args)
+        check_vae_dir(
+            args.vae, model="mochi_vae", name="a Mochi VAE", channels_key="latent_channels", channels=cfg.out_channels
+        )
+    chipmunk = chipmunk_from_args(args, "mochi", "Mochi")
     emb = _embeddings(args, cfg, args.guidance > 1.0)
     return cfg, (args.dtype or dtype), chipmunk, (width, height), emb
 
@@ -266,7 +213,7 @@ def random_model(cfg, dtype, seed: int = 0, *, host: bool | None = None):
     make = lambda: MochiTransformer3D(cfg, rngs=nnx.Rngs(seed), dtype=jnp.dtype(dtype))  # noqa: E731
     if host is None:
         host = cfg.num_layers * (4 * cfg.dim * cfg.dim + 3 * cfg.dim * cfg.ffn_dim) < 100_000_000
-    return numpy_random(make, seed) if host else nnx.jit(make)()
+    return random_module(make, seed, host=host)
 
 
 def load_t5(path: str | os.PathLike, dtype=None):
@@ -334,16 +281,6 @@ def _prompt_embeddings(args, batch: int):
     cond, mask = encode_prompts(encoder, tokenizer, [args.prompt] * batch)
     uncond, umask = encode_prompts(encoder, tokenizer, [args.negative_prompt])
     return cond, mask, uncond, umask
-
-
-def _have_ffmpeg() -> bool:
-    try:
-        import imageio_ffmpeg
-
-        imageio_ffmpeg.get_ffmpeg_exe()
-    except (ImportError, RuntimeError):
-        return False
-    return True
 
 
 def _decode(args, cfg, latents):
@@ -428,18 +365,13 @@ def main(argv: list[str] | None = None) -> int:
         attention_impl=impl,
         progress=not args.no_progress,
     )
-    np.save(out / "latents.npy", np.asarray(gen.latents, np.float32))
     mode = "dense" if chipmunk is None else "chipmunk"
     head = (
         f"{mode} Mochi 1 ({'tiny random' if args.tiny else args.checkpoint or 'preview random'}), "
         f"{args.frames} frames {width}x{height}, {args.steps} steps, guidance {args.guidance}, seed {args.seed}, "
         f"{len(gen.groups)} model call(s) per step (text lengths {[g.text_len for g in gen.groups]})"
     )
-    text = head + "\n" + gen.report.format()
-    (out / "report.txt").write_text(text + "\n")
-    (out / "report.json").write_text(json.dumps(_report_json(args, gen, chipmunk, width, height), indent=2) + "\n")
-    print(text)
-    print(f"wrote {out / 'latents.npy'} {tuple(gen.latents.shape)}, {out / 'report.json'}")
+    save_outputs(out, gen.latents, head + "\n" + gen.report.format(), _report_json(args, gen, chipmunk, width, height))
     if not _wants_decode(args):
         print("no VAE given (--vae DIR or --random-vae) or --no-decode: latents only")
         return 0
@@ -448,14 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    use_png = args.png or not _have_ffmpeg()
-    if use_png and not args.png:
-        print("imageio-ffmpeg is not installed: writing PNG frames instead of an MP4")
-    for b, video in enumerate(frames):
-        path = (
-            write_pngs(video, out / f"frames_{b}") if use_png else write_video(video, out / f"video_{b}.mp4", args.fps)
-        )
-        print(f"wrote {path} ({video.shape[0]} frames {video.shape[2]}x{video.shape[1]})")
+    write_videos(frames, out, fps=args.fps, png=args.png)
     return 0
 
 

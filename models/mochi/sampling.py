@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from chipmunk_jax.config import AttnConfig, ChipmunkConfig, MLPConfig
+from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.indices import StaticMask
 from chipmunk_jax.sampler import EulerSampler, Report, SamplerState
 from chipmunk_jax.schedules import step_kinds
@@ -48,7 +48,15 @@ from models.mochi.transformer import (
     mochi_static_mask,
     post_patch_grid,
 )
-from models.wan.sampling import WanDenoiser
+from models.video import (
+    attention_density,
+    cfg_batch,
+    dense_plan_config,
+    density_stats,
+    guide,
+    initial_latents,
+    video_latent_size,
+)
 from models.wan.scheduler import FlowEuler
 
 # The Mochi VAE keeps the first frame and compresses the rest by 6 in time, by 8 in space; the patch adds 2 x 2.
@@ -65,19 +73,7 @@ def latent_size(frames: int, height: int, width: int) -> tuple[int, int, int]:
     Frames must be 6k + 1 (the VAE keeps the first frame and expands each further latent frame into 6); height
     and width must be multiples of 16 (VAE 8 x patch 2). The message names the nearest valid values.
     """
-    problems = []
-    if frames < 1 or (frames - 1) % VAE_TEMPORAL:
-        lo = max(1, (frames - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1)
-        problems.append(f"frames {frames} is not 6k+1 (nearest valid: {lo} or {lo + VAE_TEMPORAL})")
-    for name, v in (("height", height), ("width", width)):
-        if v <= 0 or v % PIXEL_MULTIPLE:
-            lo = max(PIXEL_MULTIPLE, v // PIXEL_MULTIPLE * PIXEL_MULTIPLE)
-            hi = max(PIXEL_MULTIPLE, -(-v // PIXEL_MULTIPLE) * PIXEL_MULTIPLE)
-            near = f"{lo}" if lo == hi else f"{lo} or {hi}"
-            problems.append(f"{name} {v} is not a multiple of {PIXEL_MULTIPLE} (nearest valid: {near})")
-    if problems:
-        raise ValueError("; ".join(problems))
-    return (frames - 1) // VAE_TEMPORAL + 1, height // VAE_SPATIAL, width // VAE_SPATIAL
+    return video_latent_size(frames, height, width, temporal=VAE_TEMPORAL, spatial=VAE_SPATIAL, multiple=PIXEL_MULTIPLE)
 
 
 def linear_quadratic_sigmas(
@@ -188,16 +184,12 @@ class MochiDenoiser:
         out = jnp.concatenate([o.astype(jnp.float32) for o in outs])
         if len(self.groups) > 1:
             out = out[self._order()]
-        if not self.cfg:
-            return out
-        b = out.shape[0] // 2
-        cond, uncond = out[:b], out[b:]
-        return uncond + guidance * (cond - uncond)
+        return guide(out, guidance, self.cfg)
 
     def velocity(self, params, cond: MochiCond, latents, timestep, cache: tuple[MochiCache, ...], rng, step, plan):
         """Guided velocity [B, C, F, H, W] float32 at the model ``timestep`` and the new caches (a computed step)."""
         model: MochiTransformer3D = nnx.merge(self.graphdef, params)
-        x = jnp.concatenate([latents, latents]) if self.cfg else latents
+        x = cfg_batch(latents, self.cfg)
         outs, caches = [], []
         for g, group in enumerate(self.groups):
             xg = x if len(self.groups) == 1 else x[np.asarray(group.rows)]
@@ -236,13 +228,12 @@ class MochiDenoiser:
 
     def stats(self, cache: tuple[MochiCache, ...]) -> dict[str, float]:
         """Achieved attention density on sparse steps, averaged over every row of every text group."""
-        per_group = [WanDenoiser(None, self.chipmunk).stats(c) for c in cache]
-        weights = [len(g.rows) for g, s in zip(self.groups, per_group, strict=True) if s]
-        per_group = [s for s in per_group if s]
+        per_group = [attention_density(self.chipmunk, c.attn) for c in cache]
+        weights = [len(g.rows) for g, d in zip(self.groups, per_group, strict=True) if d is not None]
+        per_group = [d for d in per_group if d is not None]
         if not per_group:
             return {}
-        density = float(np.average([s["attention density (keys kept / keys)"] for s in per_group], weights=weights))
-        return {"attention density (keys kept / keys)": density, "attention sparsity": 1.0 - density}
+        return density_stats(float(np.average(per_group, weights=weights)))
 
 
 @dataclasses.dataclass
@@ -317,10 +308,6 @@ def text_groups(counts: np.ndarray, chipmunk_attention: bool, mode: str = "split
     return tuple(TextGroup(tuple(int(r) for r in np.flatnonzero(counts == n)), n) for n in lengths)
 
 
-def _dense_plan_config() -> ChipmunkConfig:
-    return ChipmunkConfig(attn=AttnConfig(is_enabled=False), mlp=MLPConfig(is_enabled=False))
-
-
 def generate(
     model: MochiTransformer3D,
     text_embeddings: np.ndarray | jax.Array,
@@ -393,12 +380,7 @@ def generate(
     text, mask = text[:, :length], mask[:, :length]
 
     key = jax.random.key(seed)
-    if noise is None:
-        # numpy's generator: the same noise on every platform, and nothing to compile.
-        noise = np.random.default_rng(seed).standard_normal((b, cfg.in_channels, f, h, w), np.float32)
-    if tuple(noise.shape) != (b, cfg.in_channels, f, h, w):
-        raise ValueError(f"noise must be {(b, cfg.in_channels, f, h, w)}, got {tuple(noise.shape)}")
-    x = jnp.array(noise, jnp.float32, copy=True)  # the state is donated; never hand over the caller's array
+    x = initial_latents(noise, (b, cfg.in_channels, f, h, w), seed)
 
     dt = model.dtype
     texts, masks, static, caches = [], [], [], []
@@ -417,7 +399,7 @@ def generate(
         guidance=jnp.asarray(guidance_scale, jnp.float32),
         static_mask=tuple(static) if attn_on else None,
     )
-    schedule = step_kinds(chipmunk if chipmunk is not None else _dense_plan_config(), steps, cfg.num_layers)
+    schedule = step_kinds(chipmunk if chipmunk is not None else dense_plan_config(), steps, cfg.num_layers)
     solver = FlowEuler()
     tables = solver.tables(*mochi_schedule(steps, threshold_noise, linear_steps))
     graphdef, params = nnx.split(model)

@@ -49,14 +49,27 @@ from pathlib import Path
 
 import numpy as np
 
+from models.video_io import (
+    UsageError,
+    add_model_arguments,
+    add_output_arguments,
+    check_grid,
+    check_prompt_args,
+    check_vae_dir,
+    check_video_args,
+    chipmunk_from_args,
+    numpy_random,
+    optional_module,
+    random_module,
+    save_outputs,
+    to_uint8_frames,
+    write_videos,
+)
+
 EMB_COND, EMB_UNCOND = "prompt_embeds", "negative_prompt_embeds"
 TEXT_LEN = 512  # UMT5 tokens of the Wan pipelines
 FPS = 16  # Wan2.1 videos are 16 frames per second
 TEMPORAL_MASK = 4  # I2V mask channels: one per pixel frame of a VAE time step
-
-
-class UsageError(ValueError):
-    """A problem with the command line found before any compute."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,38 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=5.0, help="CFG scale; <= 1 disables CFG (default 5.0)")
     p.add_argument("--shift", type=float, default=None, help="flow shift (default: 3.0 up to 480p, else 5.0)")
     p.add_argument("--solver", default="unipc", choices=("unipc", "euler"), help="UniPC (Wan's) or flow Euler")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=None, help="videos per call (default: the embeddings' batch)")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--chipmunk-config", help="reference chipmunk-config.yml (on top of the Wan preset)")
-    mode.add_argument("--dense", action="store_true", help="plain dense Wan (no Chipmunk, no step caching)")
-    p.add_argument("--backend", default="auto", help="Chipmunk operator backend: auto, xla, reference, mosaic_gpu")
-    p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's; bf16 for random)")
-    p.add_argument(
-        "--attention-impl",
-        default="auto",
-        choices=("auto", "xla", "cudnn"),
-        help="dense attention (jax.nn.dot_product_attention); auto: cudnn for bf16/fp16 on a GPU, else xla",
-    )
+    add_model_arguments(p, "Wan")
     vae = p.add_mutually_exclusive_group()
     vae.add_argument("--vae", help="converted Wan VAE directory (python -m convert_weights wan-vae ...)")
     vae.add_argument(
         "--random-vae", action="store_true", help="a random VAE (tiny with --tiny) to test decoding / I2V encoding"
     )
-    p.add_argument("--png", action="store_true", help="write PNG frames instead of an MP4")
-    p.add_argument("--fps", type=int, default=FPS)
-    p.add_argument("--out-dir", default="wan_out", help="output directory (created)")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_arguments(p, fps=FPS, out_dir="wan_out")
     return p
-
-
-def parse_size(size: str) -> tuple[int, int]:
-    """'WIDTHxHEIGHT' -> (width, height)."""
-    try:
-        w, h = (int(v) for v in size.lower().split("x"))
-    except ValueError:
-        raise UsageError(f"--size must be WIDTHxHEIGHT, e.g. 832x480; got {size!r}") from None
-    return w, h
 
 
 def _model_config(args):
@@ -162,17 +151,9 @@ def _model_config(args):
 
 def _embeddings(args, cfg, use_cfg: bool):
     """(cond [B, L, D], uncond [1|B, L', D] or None) as float32 numpy, or None when --prompt encodes later."""
-    if args.prompt is not None:
-        missing = [f for f in ("umt5", "tokenizer") if getattr(args, f) is None]
-        if missing:
-            raise UsageError(f"--prompt needs {', '.join('--' + m for m in missing)} (a converted UMT5 and tokenizer)")
-        for name in ("umt5", "tokenizer"):
-            if not os.path.isdir(getattr(args, name)):
-                raise UsageError(f"--{name} directory {getattr(args, name)} does not exist")
+    if check_prompt_args(args, ("umt5", "tokenizer"), "a converted UMT5 and tokenizer"):
         return None
     if args.embeddings is None:
-        if not args.random_weights:
-            raise UsageError("give --embeddings or --prompt (random embeddings only with --random-weights)")
         rng = np.random.default_rng(args.seed)
         b = args.batch or 1
         length = 16 if args.tiny else TEXT_LEN
@@ -201,31 +182,9 @@ def _embeddings(args, cfg, use_cfg: bool):
     return cond, uncond
 
 
-def _chipmunk(args):
-    import chipmunk_jax
-
-    if args.dense:
-        return None
-    if args.chipmunk_config:
-        if not os.path.exists(args.chipmunk_config):
-            raise UsageError(f"chipmunk config {args.chipmunk_config} does not exist")
-        try:
-            ck = chipmunk_jax.load_config(args.chipmunk_config, base="wan")
-        except ValueError as e:
-            raise UsageError(f"{args.chipmunk_config}: {e}") from e
-        if ck.mlp.is_enabled:
-            raise UsageError("Wan sparsifies self-attention only: set mlp.is_enabled: false in the Chipmunk config")
-        return ck
-    return chipmunk_jax.preset("wan")
-
-
 def _vae_available():
     """The models.vae.wan_vae module, or None when it is not in this installation."""
-    try:
-        import models.vae.wan_vae as wan_vae
-    except ImportError:
-        return None
-    return wan_vae
+    return optional_module("models.vae.wan_vae")
 
 
 def _check_i2v(args, cfg) -> None:
@@ -266,70 +225,20 @@ def prepare(args):
     from models.wan.sampling import latent_size
     from models.wan.transformer import post_patch_grid
 
-    width, height = parse_size(args.size)
-    try:
-        latent = latent_size(args.frames, height, width)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    for name in ("steps", "batch", "fps"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise UsageError(f"--{name} must be >= 1, got {v}")
-    if args.random_vae and not args.random_weights:
-        raise UsageError("--random-vae only goes with --random-weights (use --vae DIR with a checkpoint)")
-    if args.vae and not os.path.isdir(args.vae):
-        raise UsageError(f"VAE directory {args.vae} does not exist")
+    width, height, latent = check_video_args(args, latent_size, {"steps": 1, "batch": 1, "fps": 1})
     if (args.vae or args.random_vae) and _vae_available() is None:
         raise UsageError("models.vae.wan_vae is not available in this installation: drop --vae (latents only)")
     cfg, dtype = _model_config(args)
-    try:
-        post_patch_grid(cfg, *latent)
-    except ValueError as e:
-        raise UsageError(f"--frames/--size: {e}") from e
+    check_grid(post_patch_grid, cfg, latent)
     if args.vae:
-        from convert_weights.common import read_manifest
-
-        try:
-            vm = read_manifest(args.vae)
-        except (FileNotFoundError, ValueError) as e:
-            raise UsageError(f"--vae: {e}") from e
-        if vm.get("model") != "wan_vae":
-            raise UsageError(f"{args.vae} holds a {vm.get('model')!r} checkpoint, not a Wan VAE")
-        if vm["config"].get("z_dim") != cfg.out_channels:
-            raise UsageError(f"the VAE has {vm['config'].get('z_dim')} latent channels, the model {cfg.out_channels}")
+        check_vae_dir(args.vae, model="wan_vae", name="a Wan VAE", channels_key="z_dim", channels=cfg.out_channels)
     if cfg.is_i2v:
         _check_i2v(args, cfg)
     elif args.clip_vision:
         raise UsageError("--clip-vision is for image-to-video (--image with an I2V model)")
-    chipmunk = _chipmunk(args)
+    chipmunk = chipmunk_from_args(args, "wan", "Wan", "self-attention")
     emb = _embeddings(args, cfg, args.guidance > 1.0)
     return cfg, (args.dtype or dtype), chipmunk, (width, height), emb
-
-
-def numpy_random(make, seed: int = 0):
-    """The module ``make()`` builds, with weights drawn by numpy on its abstract shapes (no jax.random).
-
-    For small models: compiling jax.random initialisers for every parameter takes far longer on a CPU than
-    drawing the numbers. Norm scales get 1 + noise, other vectors small noise, matrices N(0, 1/last_dim).
-    """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    graphdef, state = nnx.split(nnx.eval_shape(make))
-    rng = np.random.default_rng(seed)
-
-    def draw(path, x):
-        name = jax.tree_util.keystr(path).lower()
-        if x.ndim >= 2 and "norm" not in name:
-            a = rng.standard_normal(x.shape) / np.sqrt(x.shape[-1])
-        elif "norm" in name or "gamma" in name or "scale" in name:
-            a = 1.0 + 0.1 * rng.standard_normal(x.shape)
-        else:
-            a = 0.02 * rng.standard_normal(x.shape)
-        return jnp.asarray(a, x.dtype)
-
-    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
 
 
 def random_model(cfg, dtype, seed: int = 0, *, host: bool | None = None):
@@ -343,7 +252,7 @@ def random_model(cfg, dtype, seed: int = 0, *, host: bool | None = None):
     make = lambda: WanTransformer3D(cfg, rngs=nnx.Rngs(seed), dtype=jnp.dtype(dtype))
     if host is None:
         host = cfg.num_layers * (4 * cfg.dim * cfg.dim + 2 * cfg.dim * cfg.ffn_dim) < 100_000_000
-    return numpy_random(make, seed) if host else nnx.jit(make)()
+    return random_module(make, seed, host=host)
 
 
 def prompt_clean(text: str) -> str:
@@ -396,49 +305,6 @@ def _prompt_embeddings(args, batch: int):
     cond = encode_prompts(encoder, tokenizer, [prompt_clean(args.prompt)] * batch)
     uncond = encode_prompts(encoder, tokenizer, [prompt_clean(args.negative_prompt)])
     return np.asarray(cond, np.float32), np.asarray(uncond.astype(jnp.float32))
-
-
-def to_uint8_frames(video) -> np.ndarray:
-    """Decoded video [B, 3, T, H, W] in [-1, 1] -> uint8 [B, T, H, W, 3]."""
-    v = np.asarray(video, np.float32)
-    v = np.clip((v + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-    return np.moveaxis(v, 1, -1)
-
-
-def write_video(frames: np.ndarray, path: str | os.PathLike, fps: int = FPS) -> Path:
-    """Writes uint8 frames [T, H, W, 3] as an H.264 MP4 through imageio-ffmpeg."""
-    import imageio_ffmpeg
-
-    t, h, w, _ = frames.shape
-    writer = imageio_ffmpeg.write_frames(
-        str(path), (w, h), fps=fps, codec="libx264", pix_fmt_in="rgb24", macro_block_size=1, quality=8
-    )
-    writer.send(None)
-    for f in frames:
-        writer.send(np.ascontiguousarray(f))
-    writer.close()
-    return Path(path)
-
-
-def write_pngs(frames: np.ndarray, directory: str | os.PathLike) -> Path:
-    """Writes uint8 frames [T, H, W, 3] as directory/0000.png, 0001.png, ..."""
-    from PIL import Image
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    for i, f in enumerate(frames):
-        Image.fromarray(f).save(d / f"{i:04d}.png")
-    return d
-
-
-def _have_ffmpeg() -> bool:
-    try:
-        import imageio_ffmpeg
-
-        imageio_ffmpeg.get_ffmpeg_exe()
-    except (ImportError, RuntimeError):
-        return False
-    return True
 
 
 def _load_vae(args, cfg):
@@ -555,7 +421,6 @@ def main(argv: list[str] | None = None) -> int:
         image=image_tokens,
         condition=condition,
     )
-    np.save(out / "latents.npy", np.asarray(gen.latents, np.float32))
     mode = "dense" if chipmunk is None else "chipmunk"
     variant = args.variant or ("i2v-14b" if cfg.is_i2v else "t2v-1.3b")
     task = f"image-to-video from {args.image}" if cfg.is_i2v else "text-to-video"
@@ -564,24 +429,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.frames} frames {width}x{height}, {args.steps} {args.solver} steps, shift {shift}, "
         f"guidance {args.guidance}, seed {args.seed}"
     )
-    text = head + "\n" + gen.report.format()
-    (out / "report.txt").write_text(text + "\n")
-    print(text)
-    print(f"wrote {out / 'latents.npy'} {tuple(gen.latents.shape)}")
+    save_outputs(out, gen.latents, head + "\n" + gen.report.format())
     if vae is None:
         print("no VAE given (--vae DIR or --random-vae): latents only")
         return 0
     from models.vae.wan_vae import decode
 
-    frames = to_uint8_frames(decode(vae, gen.latents))
-    use_png = args.png or not _have_ffmpeg()
-    if use_png and not args.png:
-        print("imageio-ffmpeg is not installed: writing PNG frames instead of an MP4")
-    for b, video in enumerate(frames):
-        path = (
-            write_pngs(video, out / f"frames_{b}") if use_png else write_video(video, out / f"video_{b}.mp4", args.fps)
-        )
-        print(f"wrote {path} ({video.shape[0]} frames {video.shape[2]}x{video.shape[1]})")
+    write_videos(to_uint8_frames(decode(vae, gen.latents)), out, fps=args.fps, png=args.png)
     return 0
 
 

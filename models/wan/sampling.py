@@ -33,10 +33,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from chipmunk_jax import parallel
-from chipmunk_jax.config import AttnConfig, ChipmunkConfig, MLPConfig
+from chipmunk_jax.config import ChipmunkConfig
 from chipmunk_jax.indices import StaticMask
 from chipmunk_jax.sampler import EulerSampler, Report, SamplerState
 from chipmunk_jax.schedules import step_kinds
+from models.video import attention_stats, cfg_batch, dense_plan_config, guide, initial_latents, video_latent_size
 from models.wan.scheduler import SOLVERS, flow_sigmas
 from models.wan.transformer import (
     ChipmunkRun,
@@ -58,19 +59,7 @@ def latent_size(frames: int, height: int, width: int) -> tuple[int, int, int]:
     Frames must be 4k + 1 (the VAE keeps the first frame and compresses the rest in groups of 4); height and
     width must be multiples of 16 (VAE 8 x patch 2). The message names the nearest valid values.
     """
-    problems = []
-    if frames < 1 or (frames - 1) % VAE_TEMPORAL:
-        lo = max(1, (frames - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1)
-        problems.append(f"frames {frames} is not 4k+1 (nearest valid: {lo} or {lo + VAE_TEMPORAL})")
-    for name, v in (("height", height), ("width", width)):
-        if v <= 0 or v % PIXEL_MULTIPLE:
-            lo = max(PIXEL_MULTIPLE, v // PIXEL_MULTIPLE * PIXEL_MULTIPLE)
-            hi = max(PIXEL_MULTIPLE, -(-v // PIXEL_MULTIPLE) * PIXEL_MULTIPLE)
-            near = f"{lo}" if lo == hi else f"{lo} or {hi}"
-            problems.append(f"{name} {v} is not a multiple of {PIXEL_MULTIPLE} (nearest valid: {near})")
-    if problems:
-        raise ValueError("; ".join(problems))
-    return (frames - 1) // VAE_TEMPORAL + 1, height // VAE_SPATIAL, width // VAE_SPATIAL
+    return video_latent_size(frames, height, width, temporal=VAE_TEMPORAL, spatial=VAE_SPATIAL, multiple=PIXEL_MULTIPLE)
 
 
 def default_shift(height: int, width: int) -> float:
@@ -173,23 +162,15 @@ class WanDenoiser:
     mesh: Mesh | None = None
 
     def _guide(self, out: jax.Array, guidance: jax.Array) -> jax.Array:
-        out = out.astype(jnp.float32)
-        if not self.cfg:
-            return out
-        b = out.shape[0] // 2
-        cond, uncond = out[:b], out[b:]
-        return uncond + guidance * (cond - uncond)
-
-    def _batch(self, latents: jax.Array) -> jax.Array:
-        return jnp.concatenate([latents, latents]) if self.cfg else latents
+        return guide(out, guidance, self.cfg)
 
     def velocity(self, params, cond: WanCond, latents, timestep, cache: WanCache, rng, step, plan):
         """Guided velocity [B, C, F, H, W] float32 at the model ``timestep`` and the new cache (a computed step)."""
         model: WanTransformer3D = nnx.merge(self.graphdef, params)
         if cond.condition is not None:  # I2V: [noisy latents; mask; image latents] on the channel axis
             latents = jnp.concatenate([latents, cond.condition.astype(latents.dtype)], axis=1)
-        x = self._batch(latents)
-        image = None if cond.image is None else self._batch(cond.image)
+        x = cfg_batch(latents, self.cfg)
+        image = None if cond.image is None else cfg_batch(cond.image, self.cfg)
         run = None
         if self.chipmunk is not None and self.chipmunk.attn.is_enabled:
             run = ChipmunkRun(self.chipmunk, plan, self.backend)
@@ -223,24 +204,7 @@ class WanDenoiser:
 
     def stats(self, cache: WanCache) -> dict[str, float]:
         """Achieved attention density on sparse steps (keys computed per query group / keys), both branches."""
-        attn = cache.attn
-        if attn is None or self.chipmunk is None:
-            return {}
-        n = attn.out.shape[-2]
-        if attn.mask_bits is not None:
-            pop = jnp.sum(jax.lax.population_count(attn.mask_bits).astype(jnp.int32), axis=-1)
-            m = self.chipmunk.attn.counts_multiple_of
-            counts = jnp.minimum(-(-pop // m) * m, n)
-        elif attn.counts is not None:
-            counts = attn.counts
-        else:
-            return {}
-        density = float(jnp.mean(counts.astype(jnp.float32))) / n
-        return {"attention density (keys kept / keys)": density, "attention sparsity": 1.0 - density}
-
-
-def _dense_plan_config() -> ChipmunkConfig:
-    return ChipmunkConfig(attn=AttnConfig(is_enabled=False), mlp=MLPConfig(is_enabled=False))
+        return attention_stats(self.chipmunk, cache.attn)
 
 
 @dataclasses.dataclass
@@ -363,12 +327,7 @@ def generate(
     tables = solver.tables(*flow_sigmas(steps, shift))
 
     key = jax.random.key(seed)
-    if noise is None:
-        # numpy's generator: the same noise on every platform, and nothing to compile.
-        noise = np.random.default_rng(seed).standard_normal((b, cfg.out_channels, f, h, w), np.float32)
-    if noise.shape != (b, cfg.out_channels, f, h, w):
-        raise ValueError(f"noise must be {(b, cfg.out_channels, f, h, w)}, got {noise.shape}")
-    x = jnp.array(noise, jnp.float32, copy=True)  # the state is donated; never hand over the caller's array
+    x = initial_latents(noise, (b, cfg.out_channels, f, h, w), seed)
 
     grid = post_patch_grid(cfg, f, h, w)
     dt = model.dtype
@@ -383,7 +342,7 @@ def generate(
         image=None if image is None else image.astype(dt),
         condition=condition,
     )
-    plan_cfg = chipmunk if chipmunk is not None else _dense_plan_config()
+    plan_cfg = chipmunk if chipmunk is not None else dense_plan_config()
     schedule = step_kinds(plan_cfg, steps, cfg.num_layers)
     batch = 2 * b if use_cfg else b
     if mesh is not None:

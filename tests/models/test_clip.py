@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from convert_weights.clip import clip_config_from_weights, convert_clip
 from convert_weights.t5 import ConversionError
 from models.text_encoders.clip import CLIP_L, CLIP_TINY, CLIP_TINY_EOS, CLIPTextConfig, CLIPTextEncoder
+from tests.models.helpers import torch_clip
 
 REL_TOL = 1e-4
 
@@ -24,32 +24,6 @@ REL_TOL = 1e-4
 def _rel_err(ours, ref) -> float:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
-
-
-def _torch_clip(cfg: CLIPTextConfig, seed: int):
-    hf = transformers.CLIPTextConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.width,
-        intermediate_size=cfg.mlp_dim,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        max_position_embeddings=cfg.max_positions,
-        layer_norm_eps=cfg.eps,
-        hidden_act=cfg.activation,
-        eos_token_id=cfg.eos_token_id,
-        bos_token_id=0,
-        pad_token_id=1,
-        attn_implementation="eager",
-    )
-    model = transformers.CLIPTextModel(hf)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" in name and name.endswith("weight"):
-                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return model.eval()
 
 
 def _checkpoint(model, tmp_path, prefix: str) -> dict[str, np.ndarray]:
@@ -77,7 +51,7 @@ def _ids(cfg: CLIPTextConfig, n: int) -> np.ndarray:
     ids=["legacy-eos-prefixed", "legacy-eos-v5-names-masked", "explicit-eos"],
 )
 def test_clip_matches_transformers(tmp_path, cfg, prefix, use_mask):
-    model = _torch_clip(cfg, seed=3)
+    model = torch_clip(cfg, seed=3)
     weights = _checkpoint(model, tmp_path, prefix)
     ids = _ids(cfg, cfg.max_positions)
     mask = (np.arange(ids.shape[1])[None, :] <= np.array([5, 15, 9])[:, None]).astype(np.int64)
@@ -90,7 +64,7 @@ def test_clip_matches_transformers(tmp_path, cfg, prefix, use_mask):
 
 
 def test_config_inference_and_position_ids_buffer(tmp_path):
-    model = _torch_clip(CLIP_TINY, seed=4)
+    model = torch_clip(CLIP_TINY, seed=4)
     weights = _checkpoint(model, tmp_path, "text_model.")
     weights["text_model.embeddings.position_ids"] = np.arange(16)[None]
     inferred = clip_config_from_weights(weights, head_dim=8)
@@ -102,7 +76,7 @@ def test_config_inference_and_position_ids_buffer(tmp_path):
 
 
 def test_strict_errors(tmp_path):
-    weights = _checkpoint(_torch_clip(CLIP_TINY, seed=5), tmp_path, "text_model.")
+    weights = _checkpoint(torch_clip(CLIP_TINY, seed=5), tmp_path, "text_model.")
     w = dict(weights)
     w["text_projection.weight"] = np.zeros((32, 32), np.float32)
     with pytest.raises(ConversionError, match="mixed key layout"):

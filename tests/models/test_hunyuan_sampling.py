@@ -22,8 +22,18 @@ from chipmunk_jax import sampler as cj_sampler
 from chipmunk_jax.indices import unpack_bits
 from models.hunyuan_video import tiny_config
 from models.hunyuan_video.sampling import generate, hunyuan_sigmas
-from tests.models.test_hunyuan_transformer import _load, _torch_model
-from tests.models.test_llama import tokenizer_dir  # noqa: F401  (a fixture)
+from tests.models.helpers import (
+    clip_tokenizer_files,
+    hf_llama_tokenizer,
+    hunyuan_from_diffusers,
+    hunyuan_torch_model,
+    rel,
+    tokenizer_dir_fixture,  # noqa: F401  (the tokenizer_dir fixture)
+    torch_clip,
+    torch_llama,
+    torch_state,
+    write_sharded,
+)
 
 # Video 5 frames x 64 x 64 px -> latents 2 x 8 x 8 -> token grid (2, 4, 4): 32 video tokens. With 16 valid prompt
 # tokens the sparse sequence has 48 tokens (one query group), which the all-keys Chipmunk test below relies on.
@@ -33,11 +43,6 @@ N_VID = 32
 TEXT_LEN, VALID = 20, 16  # padded prompt length, valid tokens of the Chipmunk runs
 STEPS, GUIDE, SHIFT = 6, 6.0, 7.0
 SKIP = frozenset({3, 5})
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def _prompt(cfg, valid: list[int], seed: int):
@@ -53,9 +58,8 @@ def _prompt(cfg, valid: list[int], seed: int):
 def tiny():
     """(cfg, diffusers transformer, our float32 model with the same random weights)."""
     cfg = tiny_config()
-    tm = _torch_model(cfg, seed=3)
-    sd = {k: v.detach().numpy().copy() for k, v in tm.state_dict().items()}
-    return cfg, tm, _load(cfg, sd)
+    tm = hunyuan_torch_model(cfg, seed=3)
+    return cfg, tm, hunyuan_from_diffusers(cfg, torch_state(tm))
 
 
 def _scheduler() -> FlowMatchEulerDiscreteScheduler:
@@ -126,10 +130,10 @@ def test_dense_trajectory_matches_diffusers_pipeline(tiny):
     got = generate(model, *prompt, frames=FRAMES, height=HEIGHT, width=WIDTH, steps=STEPS, noise=noise, progress=False)
     assert got.latents.shape == want.shape == (2, cfg.in_channels, *LATENT)
     assert set(got.report.step_times) == {"attn=dense,mlp=dense"}
-    err = _rel(got.latents, want)
+    err = rel(got.latents, want)
     assert err <= 2e-5, err
     # The trajectory moved far from the noise: the comparison above could fail.
-    assert _rel(got.latents, noise) > 0.1
+    assert rel(got.latents, noise) > 0.1
 
 
 def test_true_cfg_matches_diffusers_pipeline(tiny):
@@ -141,9 +145,9 @@ def test_true_cfg_matches_diffusers_pipeline(tiny):
     want = _pipeline_latents(tm, noise, prompt, negative, true_cfg=3.0, steps=3)
     kw = dict(frames=FRAMES, height=HEIGHT, width=WIDTH, steps=3, noise=noise, progress=False)
     got = generate(model, *prompt, negative=negative, true_cfg=3.0, **kw)
-    assert _rel(got.latents, want) <= 2e-5
+    assert rel(got.latents, want) <= 2e-5
     # True CFG changed the result: the comparison above could fail.
-    assert _rel(_pipeline_latents(tm, noise, prompt, steps=3), want) > 1e-3
+    assert rel(_pipeline_latents(tm, noise, prompt, steps=3), want) > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -218,7 +222,7 @@ def test_step_caching_replays_the_head_on_cached_hidden_states(chipmunk_setup):
     assert set(cached.report.step_times) == {"attn=dense,mlp=dense", "skip"}
     assert len(cached.report.step_times["skip"]) == len(SKIP)
     want = _hand_loop_with_step_caching(model, prompt, noise)
-    assert _rel(cached.latents, want) <= 2e-5
+    assert rel(cached.latents, want) <= 2e-5
 
 
 def test_chipmunk_all_keys_equals_dense_and_does_not_retrace(chipmunk_setup):
@@ -234,7 +238,7 @@ def test_chipmunk_all_keys_equals_dense_and_does_not_retrace(chipmunk_setup):
     assert attn.out.shape == (model.cfg.num_layers, 2, model.cfg.heads, n, model.cfg.head_dim)
     assert np.asarray(unpack_bits(attn.mask_bits, n)).all()
     assert got.report.stats["attention density (keys kept / keys)"] == pytest.approx(1.0)
-    err = _rel(got.latents, cached.latents)
+    err = rel(got.latents, cached.latents)
     assert err <= 1e-5, err
 
     # A second generation (new prompts with the same valid length, new seed) reuses every compiled step.
@@ -243,7 +247,7 @@ def test_chipmunk_all_keys_equals_dense_and_does_not_retrace(chipmunk_setup):
     again = generate(model, *prompt2, chipmunk=ck, backend="xla", seed=1, **kw)
     assert dict(cj_sampler.TRACE_COUNTS) == before
     assert again.report.compile_s == {}
-    assert _rel(again.latents, got.latents) > 1e-3
+    assert rel(again.latents, got.latents) > 1e-3
 
 
 def test_argument_errors(tiny):
@@ -439,7 +443,7 @@ def test_cli_help_teaches():
         assert needle in text, needle
 
 
-def test_cli_prompt_path_matches_diffusers_encode_prompt(tmp_path, tokenizer_dir, capsys):  # noqa: F811
+def test_cli_prompt_path_matches_diffusers_encode_prompt(tmp_path, tokenizer_dir, capsys):
     """--prompt: a converted tiny Llama, a transformers CLIP directory and both tokenizers give the embeddings of
     diffusers' HunyuanVideoPipeline.encode_prompt (template, crop, hidden state -3, CLIP pooled); then the CLI
     runs the tiny transformer on them (widths chosen to match it)."""
@@ -449,23 +453,20 @@ def test_cli_prompt_path_matches_diffusers_encode_prompt(tmp_path, tokenizer_dir
     from models.hunyuan_video.generate import _prompt_embeddings, build_parser, main
     from models.text_encoders.clip import CLIPTextConfig
     from models.text_encoders.llama import tiny_config as llama_tiny
-    from tests.models.test_clip import _torch_clip
-    from tests.models.test_llama import _hf_tokenizer, _torch_llama, _write_sharded
-    from tests.models.test_tokenizers import _clip_files
 
     cfg = tiny_config()
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_dir / "tokenizer.json"))
     lcfg = llama_tiny(vocab_size=len(tok), hidden_size=cfg.text_dim, num_layers=4)
-    llama = _torch_llama(lcfg, seed=5)
+    llama = torch_llama(lcfg, seed=5)
     hf = llama.config.to_dict()
     hf.pop("rope_parameters")
     hf.update(rope_theta=lcfg.rope_theta, rope_scaling=None)
-    _write_sharded(llama, tmp_path / "llama_src", "", {}, hf)
+    write_sharded(llama, tmp_path / "llama_src", "", {}, hf)
     conv_llama.convert(tmp_path / "llama_src", tmp_path / "llama", dtype="fp32", hash_sources=False)
     (tmp_path / "clip_tok").mkdir()
-    vocab = _clip_files(tmp_path / "clip_tok")
+    vocab = clip_tokenizer_files(tmp_path / "clip_tok")
     ccfg = CLIPTextConfig(vocab_size=len(vocab), width=cfg.pooled_dim, num_layers=2, num_heads=4, mlp_dim=40)
-    clip = _torch_clip(ccfg, seed=6)
+    clip = torch_clip(ccfg, seed=6)
     clip.save_pretrained(str(tmp_path / "clip"))
 
     prompt, negative = "A chipmunk eats a nut in the autumn forest.", "blurry, low quality"
@@ -476,7 +477,7 @@ def test_cli_prompt_path_matches_diffusers_encode_prompt(tmp_path, tokenizer_dir
 
     pipe = HunyuanVideoPipeline(
         text_encoder=llama,
-        tokenizer=_hf_tokenizer(tokenizer_dir),
+        tokenizer=hf_llama_tokenizer(tokenizer_dir),
         transformer=None,
         vae=None,
         scheduler=None,
@@ -488,8 +489,8 @@ def test_cli_prompt_path_matches_diffusers_encode_prompt(tmp_path, tokenizer_dir
             emb, pooled, mask = pipe.encode_prompt(texts, device=torch.device("cpu"), max_sequence_length=TEXT_LEN)
         assert ours[0].shape == (len(texts), TEXT_LEN, cfg.text_dim) and ours[2].shape == (len(texts), cfg.pooled_dim)
         assert ours[1].tolist() == mask.numpy().astype(int).tolist()
-        assert _rel(ours[0], emb.numpy()) <= 1e-5
-        assert _rel(ours[2], pooled.numpy()) <= 1e-5
+        assert rel(ours[0], emb.numpy()) <= 1e-5
+        assert rel(ours[2], pooled.numpy()) <= 1e-5
 
     # The whole CLI on these encoders (dense, embedded guidance only; the shapes of the dense parity test above,
     # whose compiled step it reuses when run after it).

@@ -20,12 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tokenizers
 import torch
 import transformers
 from flax import nnx
 from safetensors.numpy import save_file
-from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 
 from convert_weights import llama as conv
 from convert_weights.__main__ import build_parser
@@ -44,20 +42,17 @@ from models.text_encoders.llama import (
     tiny_config,
 )
 from models.text_encoders.llama_tokenizer import load_llama_tokenizer
+from tests.models.helpers import (
+    LLAMA_PROMPTS,
+    hf_llama_tokenizer,
+    llama_hf_config,
+    tokenizer_dir_fixture,  # noqa: F401  (the tokenizer_dir fixture)
+    torch_llama,
+    torch_state,
+    write_sharded,
+)
 
 REL_TOL = 1e-5
-
-# Llama-3's pre-tokenizer split (public tokenizer.json data), so that the tiny tokenizer behaves like the real one.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-    r"|\s+(?!\S)|\s+"
-)
-_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<pad>"]
-_PROMPTS = [
-    "A chipmunk eats a nut in the autumn forest, soft light.",
-    "cat",
-    "The camera pans slowly across 1234 snowy mountains while a red kite, tiny and far away, drifts east.",
-]
 
 
 def _rel_err(ours, ref) -> float:
@@ -65,48 +60,8 @@ def _rel_err(ours, ref) -> float:
     return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 
 
-def _hf_config(cfg: LlamaConfig) -> transformers.LlamaConfig:
-    rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
-    if cfg.rope_type == "llama3":
-        rope.update(
-            factor=cfg.rope_factor,
-            low_freq_factor=cfg.rope_low_freq_factor,
-            high_freq_factor=cfg.rope_high_freq_factor,
-            original_max_position_embeddings=cfg.rope_original_max_positions,
-        )
-    return transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
-        rms_norm_eps=cfg.rms_eps,
-        rope_parameters=rope,
-        max_position_embeddings=4 * cfg.rope_original_max_positions,
-        attn_implementation="eager",
-    )
-
-
-def _torch_llama(cfg: LlamaConfig, seed: int) -> transformers.LlamaModel:
-    model = transformers.LlamaModel(_hf_config(cfg))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if "embed" in name else 0.15))
-    return model.eval()
-
-
-def _state(model, prefix: str = "") -> dict[str, np.ndarray]:
-    return {prefix + k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-
-
 def _ours(model, cfg: LlamaConfig) -> LlamaEncoder:
-    return conv.to_model(cfg, conv.convert_tensors(_state(model), cfg))
+    return conv.to_model(cfg, conv.convert_tensors(torch_state(model), cfg))
 
 
 LLAMA3_ROPE = tiny_config(
@@ -125,7 +80,7 @@ LLAMA3_ROPE = tiny_config(
 
 @pytest.mark.parametrize("cfg", [tiny_config(), LLAMA3_ROPE], ids=["default-rope-gqa2", "llama3-rope-gqa4"])
 def test_hidden_states_match_transformers(cfg):
-    model = _torch_llama(cfg, seed=1)
+    model = torch_llama(cfg, seed=1)
     ours = _ours(model, cfg)
     n = 14
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(3, n))
@@ -151,7 +106,7 @@ def test_hidden_states_match_transformers(cfg):
 def test_llama3_rope_frequencies_match_transformers():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](_hf_config(LLAMA3_ROPE))
+    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](llama_hf_config(LLAMA3_ROPE))
     ours = rope_inv_freq(LLAMA3_ROPE)
     assert np.allclose(ours, ref.numpy(), rtol=1e-6, atol=0)
     plain = rope_inv_freq(LlamaConfig(**{**LLAMA3_ROPE.to_dict(), "rope_type": "default"}))
@@ -162,50 +117,16 @@ def test_llama3_rope_frequencies_match_transformers():
 # Tokenizer and the HunyuanVideo prompt path.
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    """A tiny Llama-3-like tokenizer: byte-level BPE, chat special tokens, <|begin_of_text|> prepended, <pad>."""
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=_SPECIAL,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([HUNYUAN_VIDEO_TEMPLATE.template.format(p) for p in _PROMPTS] * 3, trainer)
-    bos = "<|begin_of_text|>"
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
-    )
-    d = tmp_path_factory.mktemp("llama_tokenizer")
-    tok.save(str(d / "tokenizer.json"))
-    (d / "special_tokens_map.json").write_text(json.dumps({"pad_token": {"content": "<pad>"}, "bos_token": bos}))
-    (d / "tokenizer_config.json").write_text(json.dumps({"padding_side": "right"}))
-    return d
-
-
-def _hf_tokenizer(directory) -> transformers.PreTrainedTokenizerFast:
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_file=str(directory / "tokenizer.json"),
-        bos_token="<|begin_of_text|>",
-        eos_token="<|end_of_text|>",
-        pad_token="<pad>",
-        padding_side="right",
-    )
-
-
 def test_tokenizer_matches_transformers(tokenizer_dir):
     ours = load_llama_tokenizer(tokenizer_dir)
     assert ours.padding_side == "right" and ours.pad_token == "<pad>"
-    ref = _hf_tokenizer(tokenizer_dir)
-    texts = [*_PROMPTS, "", "Ünïcödé — émoji 🐿️ and <|eot_id|> inline", HUNYUAN_VIDEO_TEMPLATE.template.format("dog")]
+    ref = hf_llama_tokenizer(tokenizer_dir)
+    texts = [
+        *LLAMA_PROMPTS,
+        "",
+        "Ünïcödé — émoji 🐿️ and <|eot_id|> inline",
+        HUNYUAN_VIDEO_TEMPLATE.template.format("dog"),
+    ]
     for max_length in (8, 40, 300):
         got = ours(texts, max_length=max_length)
         want = ref(texts, max_length=max_length, padding="max_length", truncation=True)
@@ -213,7 +134,7 @@ def test_tokenizer_matches_transformers(tokenizer_dir):
         assert got.attention_mask.tolist() == want["attention_mask"], max_length
         assert got.input_ids.shape == (len(texts), max_length) and got.input_ids.dtype == np.int32
     assert (got.input_ids[:, 0] == ours._tok.token_to_id("<|begin_of_text|>")).all()
-    assert ours.decode(got.input_ids[0]) == _PROMPTS[0]
+    assert ours.decode(got.input_ids[0]) == LLAMA_PROMPTS[0]
     with pytest.raises(ValueError, match="pad token"):
         load_llama_tokenizer(tokenizer_dir / "tokenizer.json", pad_token="<nope>")
     with pytest.raises(ValueError, match="empty"):
@@ -225,10 +146,10 @@ def test_hunyuan_prompt_embeds_match_diffusers_pipeline(tokenizer_dir):
 
     tok = load_llama_tokenizer(tokenizer_dir)
     cfg = tiny_config(vocab_size=tok.vocab_size, num_layers=4)
-    model = _torch_llama(cfg, seed=2)
+    model = torch_llama(cfg, seed=2)
     pipe = HunyuanVideoPipeline(
         text_encoder=model,
-        tokenizer=_hf_tokenizer(tokenizer_dir),
+        tokenizer=hf_llama_tokenizer(tokenizer_dir),
         transformer=None,
         vae=None,
         scheduler=None,
@@ -240,14 +161,14 @@ def test_hunyuan_prompt_embeds_match_diffusers_pipeline(tokenizer_dir):
     max_length = 24  # the last prompt is longer: truncated, losing its closing <|eot_id|>
     with torch.no_grad():
         ref, ref_mask = pipe._get_llama_prompt_embeds(
-            _PROMPTS,
+            LLAMA_PROMPTS,
             {"template": template.template, "crop_start": crop},
             device=torch.device("cpu"),
             dtype=torch.float32,
             max_sequence_length=max_length,
             num_hidden_layers_to_skip=2,
         )
-    embeds, mask = hunyuan_prompt_embeds(_ours(model, cfg), tok, _PROMPTS, max_length, template=template)
+    embeds, mask = hunyuan_prompt_embeds(_ours(model, cfg), tok, LLAMA_PROMPTS, max_length, template=template)
     assert embeds.shape == ref.shape == (3, max_length, cfg.hidden_size)
     assert np.asarray(mask).tolist() == ref_mask.numpy().tolist()
     assert 0 < int(np.asarray(mask)[1].sum()) < max_length and int(np.asarray(mask)[2].sum()) == max_length
@@ -260,35 +181,21 @@ def test_hunyuan_prompt_embeds_match_diffusers_pipeline(tokenizer_dir):
 # Converter.
 
 
-def _write_sharded(model, directory, prefix: str, extra: dict[str, np.ndarray], hf_config: dict) -> None:
-    """Two safetensors shards + index + config.json, as transformers' save_pretrained writes them."""
-    directory.mkdir(parents=True)
-    tensors = {**_state(model, prefix), **extra}
-    names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
-    weight_map = {}
-    for fname, keys in shards.items():
-        save_file({k: tensors[k] for k in keys}, str(directory / fname))
-        weight_map.update({k: fname for k in keys})
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (directory / "config.json").write_text(json.dumps(hf_config))
-
-
 @pytest.mark.parametrize("layout", ["diffusers", "causal-lm", "llava"])
 def test_cli_round_trip(tmp_path, layout):
     cfg = tiny_config(num_layers=3, rms_eps=1e-6, rope_theta=5000.0)
-    model = _torch_llama(cfg, seed=3)
+    model = torch_llama(cfg, seed=3)
     hf = model.config.to_dict()
     hf.pop("rope_parameters")
     hf.update(rope_theta=cfg.rope_theta, rope_scaling=None)  # the transformers 4 file format of the release
     extra: dict[str, np.ndarray] = {}
     if layout == "diffusers":
         prefix, src = "", tmp_path / "HunyuanVideo"
-        _write_sharded(model, src / "text_encoder", prefix, extra, hf)
+        write_sharded(model, src / "text_encoder", prefix, extra, hf)
     elif layout == "causal-lm":
         prefix, src = "model.", tmp_path / "causal"
         extra = {"lm_head.weight": np.zeros((cfg.vocab_size, cfg.hidden_size), np.float32)}
-        _write_sharded(model, src, prefix, extra, hf)
+        write_sharded(model, src, prefix, extra, hf)
     else:
         prefix, src = "language_model.model.", tmp_path / "llava"
         extra = {
@@ -297,7 +204,7 @@ def test_cli_round_trip(tmp_path, layout):
             "multi_modal_projector.linear_1.weight": np.zeros((32, 4), np.float32),
         }
         hf = {"model_type": "llava", "text_config": {k: v for k, v in hf.items() if k != "head_dim"}}
-        _write_sharded(model, src, prefix, extra, hf)
+        write_sharded(model, src, prefix, extra, hf)
     dst = tmp_path / "ckpt"
     argv = ["llama", "--src", str(src), "--dst", str(dst), "--dtype", "fp32", "--no-hash"]
     if layout == "llava":
@@ -318,7 +225,7 @@ def test_cli_round_trip(tmp_path, layout):
 
 def test_converter_is_strict(tmp_path):
     cfg = tiny_config(num_layers=2)
-    weights = _state(_torch_llama(cfg, seed=4), "model.")
+    weights = torch_state(torch_llama(cfg, seed=4), "model.")
     weights["model.layers.0.self_attn.q_proj.bias"] = np.zeros((32,), np.float32)  # unknown
     weights["model.extra_head.weight"] = np.zeros((3, 3), np.float32)  # unknown, inside the prefix
     weights["mystery.weight"] = np.zeros((3, 3), np.float32)  # unknown, outside the prefix
@@ -337,7 +244,7 @@ def test_converter_is_strict(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConversionError, match="not a Llama checkpoint"):
         conv.convert_tensors({"foo.weight": np.zeros((2, 2), np.float32)}, cfg)
-    good = _state(_torch_llama(cfg, seed=4))
+    good = torch_state(torch_llama(cfg, seed=4))
     with pytest.raises(ConversionError, match="yarn"):
         conv.infer_config(good, {"rope_theta": 1e4, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, head_dim=8)
     with pytest.raises(ConversionError, match="num_attention_heads=8 but the weights have 4"):
@@ -353,7 +260,7 @@ def test_converter_is_strict(tmp_path):
 
 def test_release_config_shapes_without_allocation():
     with torch.device("meta"):
-        ref = transformers.LlamaModel(_hf_config(LLAMA3_8B))
+        ref = transformers.LlamaModel(llama_hf_config(LLAMA3_8B))
     torch_count = sum(p.numel() for p in ref.parameters())
     assert torch_count == LLAMA3_8B.num_params == conv.param_count(LLAMA3_8B) == 7_505_186_816
     model = nnx.eval_shape(lambda: LlamaEncoder(LLAMA3_8B, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))

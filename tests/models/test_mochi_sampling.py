@@ -17,9 +17,8 @@ from flax import nnx
 import chipmunk_jax as cj
 from chipmunk_jax import sampler as sampler_mod
 from chipmunk_jax.indices import attn_top_k, unpack_bits
-from convert_weights.common import fill_module
 from convert_weights.mochi import convert_tensors
-from models.mochi import MochiCache, MochiTransformer3D, forward
+from models.mochi import MochiCache, forward
 from models.mochi.generate import tiny_model_config
 from models.mochi.sampling import (
     MochiDenoiser,
@@ -30,18 +29,13 @@ from models.mochi.sampling import (
     mochi_schedule,
     text_groups,
 )
-from tests.models.test_mochi_transformer import _diffusers
+from tests.models.helpers import mochi_diffusers_model, mochi_from_diffusers, rel
 
 FRAMES, HEIGHT, WIDTH = 7, 32, 32  # latents 2 x 4 x 4 -> token grid (2, 2, 2): 8 video tokens
 LATENT = (2, 4, 4)
 SLOTS, COND_VALID, NEG_VALID = 8, 5, 1  # as the CLI's random embeddings (the CLI test reuses the compiled step)
 STEPS, GUIDE = 6, 4.5
 SKIP = frozenset({3})
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,6 +85,24 @@ def test_text_groups():
         text_groups(counts, True, "x")
 
 
+def test_numpy_random_draws_matrices_named_norm_as_matrices():
+    """``numpy_random`` (random CLI weights): Mochi's ``norm_out`` is a [C, 2C] projection, not a norm scale; the
+    per-layer RMS scales of the scanned blocks ([L, D]) and the last block's ([D]) stay around 1."""
+    from models.mochi.transformer import MochiTransformer3D
+    from models.video_io import numpy_random
+
+    cfg = tiny_model_config()
+    model = numpy_random(lambda: MochiTransformer3D(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32), seed=1)
+    kernel = np.asarray(model.norm_out.kernel[...])
+    assert kernel.shape == (cfg.dim, 2 * cfg.dim)
+    assert abs(kernel.mean()) < 0.05 and 0.5 < kernel.std() * np.sqrt(kernel.shape[-1]) < 1.5  # N(0, 1/fan_in)
+    for scale in (model.blocks.norm_q[...], model.last_block.norm_k[...]):
+        scale = np.asarray(scale)
+        assert abs(scale.mean() - 1.0) < 0.1 and 0.05 < scale.std() < 0.2  # 1 + 0.1 noise (16 to 32 values)
+    pos = np.asarray(model.pos_frequencies[...])  # [3, H, D/2]: a matrix whose path names no norm
+    assert abs(pos.mean()) < 0.1 and 0.5 < pos.std() * np.sqrt(pos.shape[-1]) < 1.5
+
+
 def test_group_outputs_return_to_batch_order_before_guidance():
     """Two prompts of 1 and 5 tokens and two 1-token negatives: groups (rows 0, 2, 3) and (row 1), whose
     concatenated outputs must be put back in [cond; uncond] order before the CFG combination."""
@@ -112,10 +124,8 @@ def setup():
     # The CLI's --tiny config (one scanned block and the last block, 12 latent channels): the CLI test below then
     # reuses the dense step compiled here.
     cfg = tiny_model_config()
-    tm = _diffusers(cfg, seed=0)  # every parameter random, pos_frequencies and norm weights included
-    sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
-    abstract = nnx.eval_shape(lambda: MochiTransformer3D(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32))
-    model = fill_module(abstract, convert_tensors(sd, cfg), where="tiny diffusers model")
+    tm = mochi_diffusers_model(cfg, seed=0)  # every parameter random, pos_frequencies and norm weights included
+    model = mochi_from_diffusers(cfg, tm)
     rng = np.random.default_rng(0)
     text = rng.standard_normal((1, SLOTS, cfg.text_dim)).astype(np.float32)
     neg = rng.standard_normal((1, SLOTS, cfg.text_dim)).astype(np.float32)
@@ -184,9 +194,9 @@ def test_dense_run_matches_diffusers_mochi_pipeline(setup, dense_run):
         ).frames.numpy()
     assert len(steps) == STEPS and dense_run.latents.shape == want.shape == (1, cfg.in_channels, *LATENT)
     assert set(dense_run.report.step_times) == {"attn=dense,mlp=dense"}
-    assert _rel(dense_run.latents, want) <= 5e-6  # measured 4.8e-7
+    assert rel(dense_run.latents, want) <= 5e-6  # measured 4.8e-7
     # The trajectory moved far from the noise (the comparison above could fail).
-    assert _rel(want, noise) > 0.5 and _rel(steps[2], steps[-1]) > 0.05
+    assert rel(want, noise) > 0.5 and rel(steps[2], steps[-1]) > 0.05
 
 
 def _all_keys_chipmunk(*, skip=SKIP, attn: bool = True) -> cj.ChipmunkConfig:
@@ -236,8 +246,8 @@ def test_step_caching_runs_the_head_on_the_latest_hidden_states(setup, dense_run
         out = np.asarray(out, np.float32)
         v = out[1:] + GUIDE * (out[:1] - out[1:])
         x = sched.step(torch.tensor(v), t, x).prev_sample
-    assert _rel(cached_dense_run.latents, x.numpy()) <= 5e-6  # measured 3.4e-7
-    assert _rel(cached_dense_run.latents, dense_run.latents) > 1e-3  # the skipped step changed the result
+    assert rel(cached_dense_run.latents, x.numpy()) <= 5e-6  # measured 3.4e-7
+    assert rel(cached_dense_run.latents, dense_run.latents) > 1e-3  # the skipped step changed the result
 
 
 def test_chipmunk_with_all_keys_selected_equals_dense(setup, cached_dense_run):
@@ -257,7 +267,7 @@ def test_chipmunk_with_all_keys_selected_equals_dense(setup, cached_dense_run):
         assert cache.attn.out.shape == (cfg.num_layers - 1, 1, cfg.heads, n, cfg.head_dim)
         assert np.asarray(unpack_bits(cache.attn.mask_bits, n)).all()
     assert got.report.stats["attention density (keys kept / keys)"] == pytest.approx(1.0)
-    assert _rel(got.latents, cached_dense_run.latents) <= 5e-6  # measured 3.7e-7
+    assert rel(got.latents, cached_dense_run.latents) <= 5e-6  # measured 3.7e-7
 
 
 def test_pad_mode_marks_every_row_valid_up_to_the_longest_prompt(setup, dense_run):
@@ -281,8 +291,8 @@ def test_pad_mode_marks_every_row_valid_up_to_the_longest_prompt(setup, dense_ru
         noise=noise,
         progress=False,
     )
-    assert _rel(pad.latents, want.latents) <= 5e-6
-    assert _rel(pad.latents, dense_run.latents) > 1e-3  # not what diffusers computes: an approximation
+    assert rel(pad.latents, want.latents) <= 5e-6
+    assert rel(pad.latents, dense_run.latents) > 1e-3  # not what diffusers computes: an approximation
 
 
 def test_second_generation_does_not_retrace(setup, dense_run):
@@ -413,7 +423,7 @@ def test_cli_checkpoint_and_embeddings_reproduce_generate(setup, dense_run, tmp_
         progress=False,
     )
     np.testing.assert_array_equal(got, np.asarray(want.latents))
-    assert _rel(got, dense_run.latents) > 0.1  # another seed: the comparison above could fail
+    assert rel(got, dense_run.latents) > 0.1  # another seed: the comparison above could fail
 
 
 @pytest.mark.parametrize(

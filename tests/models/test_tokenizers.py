@@ -10,6 +10,7 @@ import transformers
 from tokenizers import models, pre_tokenizers, processors
 
 from models.text_encoders.tokenizers import TextTokenizer, clip_bpe_tokenizer, load_clip_tokenizer, load_t5_tokenizer
+from tests.models.helpers import clip_tokenizer_files
 
 PROMPTS = [
     "a photo of a cat",
@@ -50,26 +51,8 @@ def test_t5_matches_transformers(t5_dir):
     assert ours.decode(batch.input_ids[0]) == "a photo of a cat"
 
 
-def _clip_files(directory):
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {}
-    for ch in alphabet:
-        vocab[ch] = len(vocab)
-    for ch in alphabet:
-        vocab[ch + "</w>"] = len(vocab)
-    merges = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("a", "n"), ("an", "d</w>"), ("t", "h")]
-    merges += [("th", "e</w>"), ("o", "f</w>"), ("a", "t</w>")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-    return vocab
-
-
 def test_clip_vocab_merges_match_transformers(tmp_path):
-    vocab = _clip_files(tmp_path)
+    vocab = clip_tokenizer_files(tmp_path)
     ours = load_clip_tokenizer(str(tmp_path), max_length=16)
     ref = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))
     prompts = [*PROMPTS, "Ünïcode café ... ok", "don't stop"]
@@ -86,7 +69,7 @@ def test_clip_vocab_merges_match_transformers(tmp_path):
 def test_clip_tokenizer_json_round_trip(tmp_path):
     files = tmp_path / "bpe"
     files.mkdir()
-    _clip_files(files)
+    clip_tokenizer_files(files)
     built = clip_bpe_tokenizer(str(files / "vocab.json"), str(files / "merges.txt"))
     saved = tmp_path / "json"
     saved.mkdir()

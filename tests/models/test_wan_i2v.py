@@ -20,9 +20,8 @@ from convert_weights import wan as conv_wan
 from convert_weights import wan_vae as conv_vae
 from models.wan import tiny_config
 from models.wan.sampling import first_frame_mask, generate, image_condition, video_image
+from tests.models.helpers import diffusers_unipc, rel, wan_torch_model
 from tests.models.test_clip_vision import _randomise
-from tests.models.test_wan_sampling import _diffusers_unipc
-from tests.models.test_wan_transformer import _torch_model
 from tests.models.test_wan_vae import _torch_vae
 
 FRAMES, HEIGHT, WIDTH = 5, 64, 96  # latents 2 x 8 x 12
@@ -32,15 +31,10 @@ TEXT_LEN = 512  # diffusers splits image tokens off the context assuming exactly
 CFG = tiny_config(i2v=True, in_channels=12, num_layers=2)  # noise 4 + mask 4 + tiny VAE latents 4
 
 
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 @pytest.fixture(scope="module")
 def parts():
     """Tiny random torch models (transformer, VAE, CLIP tower) and ours converted from their state dicts."""
-    tm = _torch_model(CFG, seed=3)
+    tm = wan_torch_model(CFG, seed=3)
     tv = _torch_vae(seed=4)
     hf = HFVisionConfig(
         hidden_size=CFG.image_dim,
@@ -69,7 +63,7 @@ def _pipeline(parts) -> WanImageToVideoPipeline:
         tokenizer=None,
         text_encoder=None,
         vae=tv,
-        scheduler=_diffusers_unipc(),
+        scheduler=diffusers_unipc(SHIFT),
         image_processor=processor,
         image_encoder=tc,
         transformer=tm,
@@ -90,7 +84,7 @@ def test_condition_matches_diffusers_prepare_latents(parts):
     assert got.shape == want.shape == (2, 8, *LATENT)
     np.testing.assert_array_equal(np.asarray(got[:, :4]), want[:, :4].numpy())
     assert want[:, :4, 0].min() == 1 and want[:, :4, 1:].max() == 0
-    assert _rel(got[:, 4:], want[:, 4:].numpy()) <= 1e-5  # measured 1.4e-6
+    assert rel(got[:, 4:], want[:, 4:].numpy()) <= 1e-5  # measured 1.4e-6
     m = first_frame_mask(1, 9, 16, 16)  # 3 latent frames
     assert m.shape == (1, 4, 3, 2, 2) and m[:, :, 0].all() and not m[:, :, 1:].any()
 
@@ -140,13 +134,13 @@ def test_generation_matches_diffusers_i2v_pipeline(parts):
         progress=False,
     )
     assert got.latents.shape == (1, CFG.out_channels, *LATENT)
-    assert _rel(got.latents, want) <= 1e-5  # measured 7.2e-7
+    assert rel(got.latents, want) <= 1e-5  # measured 7.2e-7
     # The image matters: another first frame moves the result far beyond that bound.
     other = Image.fromarray(255 - np.asarray(image))
     tokens2, condition2 = image_inputs(other, clip, vae, frames=FRAMES, width=WIDTH, height=HEIGHT)
     kw = dict(frames=FRAMES, height=HEIGHT, width=WIDTH, steps=STEPS, guidance=GUIDE, shift=SHIFT, noise=noise)
     moved = generate(model, text, neg, image=tokens2, condition=condition2, progress=False, **kw)
-    assert _rel(moved.latents, want) > 1e-2
+    assert rel(moved.latents, want) > 1e-2
 
 
 def test_i2v_arguments_are_checked(parts):

@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import UniPCMultistepScheduler
 from flax import nnx
 
 import chipmunk_jax as cj
 from chipmunk_jax.indices import unpack_bits
+from models.video_io import numpy_random, to_uint8_frames, write_pngs, write_video
 from models.wan import WanCache, WanTransformer3D, forward, tiny_config
 from models.wan.sampling import default_shift, generate, latent_size
+from tests.models.helpers import diffusers_unipc, rel, torch_state, wan_torch_model
 
 FRAMES, HEIGHT, WIDTH = 5, 64, 96  # latents 2 x 8 x 12 -> token grid (2, 4, 6), 48 tokens
 LATENT = (2, 8, 12)
@@ -74,26 +75,11 @@ def _run(setup, chipmunk, **kw):
     )
 
 
-def _diffusers_unipc() -> UniPCMultistepScheduler:
-    """diffusers' UniPC as the Wan pipeline configures it (flow prediction, shift SHIFT, order 2, bh2)."""
-    return UniPCMultistepScheduler(
-        num_train_timesteps=1000,
-        prediction_type="flow_prediction",
-        use_flow_sigmas=True,
-        flow_shift=SHIFT,
-        solver_order=2,
-        solver_type="bh2",
-        predict_x0=True,
-        lower_order_final=True,
-        final_sigmas_type="zero",
-    )
-
-
 def _hand_loop(setup, skip=frozenset()) -> np.ndarray:
     """Wan's CFG loop written out: the transformer (jitted forward), diffusers' UniPC in float64, and on a
     skipped step the output head on the hidden states of the latest computed step (SPEC §4)."""
     model, text, neg, noise = setup
-    sched = _diffusers_unipc()
+    sched = diffusers_unipc(SHIFT)
     sched.set_timesteps(STEPS)
     graphdef, state = nnx.split(model)
     ctx = jnp.concatenate([text, neg])
@@ -114,11 +100,6 @@ def _hand_loop(setup, skip=frozenset()) -> np.ndarray:
     return x.numpy()
 
 
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 @pytest.fixture(scope="module")
 def dense_run(setup):
     return _run(setup, None)
@@ -133,16 +114,16 @@ def test_dense_sampler_equals_hand_written_loop(setup, dense_run):
     want = _hand_loop(setup)
     assert dense_run.latents.shape == (1, 4, *LATENT)
     assert set(dense_run.report.step_times) == {"attn=dense,mlp=dense"}
-    assert _rel(dense_run.latents, want) <= 1e-5
+    assert rel(dense_run.latents, want) <= 1e-5
 
 
 def test_step_caching_reuses_latest_hidden_states_per_branch(setup, dense_run, cached_run):
     want = _hand_loop(setup, skip=SKIP)
     assert set(cached_run.report.step_times) == {"attn=dense,mlp=dense", "skip"}
     assert len(cached_run.report.step_times["skip"]) == len(SKIP)
-    assert _rel(cached_run.latents, want) <= 1e-5
+    assert rel(cached_run.latents, want) <= 1e-5
     # The skipped steps changed the trajectory: the comparison above could fail.
-    assert _rel(cached_run.latents, dense_run.latents) > 1e-3
+    assert rel(cached_run.latents, dense_run.latents) > 1e-3
 
 
 def test_chipmunk_with_all_keys_selected_equals_dense(setup, cached_run):
@@ -168,7 +149,7 @@ def test_chipmunk_with_all_keys_selected_equals_dense(setup, cached_run):
     assert cache.out.shape[:2] == (2, 2)  # layers 1-2 keep a cache; batch 2 = cond + uncond
     assert np.asarray(unpack_bits(cache.mask_bits, 48)).all()
     assert got.report.stats["attention density (keys kept / keys)"] == pytest.approx(1.0)
-    assert _rel(got.latents, cached_run.latents) <= 1e-5
+    assert rel(got.latents, cached_run.latents) <= 1e-5
 
 
 def test_guidance_one_runs_the_conditional_branch_only(setup):
@@ -275,8 +256,6 @@ def test_video_writers_round_trip(tmp_path):
     import imageio_ffmpeg
     from PIL import Image
 
-    from models.wan.generate import to_uint8_frames, write_pngs, write_video
-
     rng = np.random.default_rng(0)
     video = np.clip(rng.standard_normal((1, 3, 5, 32, 48)), -1, 1).astype(np.float32)
     frames = to_uint8_frames(video)
@@ -298,7 +277,7 @@ def test_prompt_embeddings_are_zero_past_the_tokens():
 
     from models.text_encoders.t5 import UMT5_TINY, T5Encoder
     from models.text_encoders.tokenizers import TextTokenizer
-    from models.wan.generate import encode_prompts, numpy_random
+    from models.wan.generate import encode_prompts
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3, "red": 4, "fox": 5}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
@@ -358,34 +337,15 @@ def test_cli_checkpoint_and_embeddings_reproduce_generate(setup, tmp_path):
 def test_generate_matches_diffusers_wan_pipeline(setup):
     """End to end against diffusers' WanPipeline (CFG, UniPC as Wan configures it, output_type='latent') on a
     tiny random WanTransformer3DModel converted into ours."""
-    from diffusers import WanPipeline, WanTransformer3DModel
+    from diffusers import WanPipeline
 
     from convert_weights import wan as cw
 
     cfg = setup[0].cfg
-    tm = WanTransformer3DModel(
-        patch_size=cfg.patch_size,
-        num_attention_heads=cfg.heads,
-        attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        text_dim=cfg.text_dim,
-        freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim,
-        num_layers=cfg.num_layers,
-        cross_attn_norm=cfg.cross_attn_norm,
-        eps=cfg.eps,
-        rope_max_seq_len=cfg.rope_max_seq_len,
-    ).eval()
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in tm.named_parameters():  # every parameter random, norm scales around 1
-            noise = torch.randn(p.shape, generator=g) / (p.shape[-1] if p.ndim >= 2 else 4) ** 0.5
-            p.copy_(noise + 1.0 if "norm" in name and name.endswith("weight") else noise)
-    sd = {k: v.detach().numpy().copy() for k, v in tm.state_dict().items()}
-    model = cw.to_model(cfg, cw.convert_tensors(sd, cfg), dtype=jnp.float32)
+    tm = wan_torch_model(cfg, seed=5)  # every parameter random, norm scales around 1
+    model = cw.to_model(cfg, cw.convert_tensors(torch_state(tm), cfg), dtype=jnp.float32)
 
-    sched = _diffusers_unipc()
+    sched = diffusers_unipc(SHIFT)
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=sched, transformer=tm)
     _, text, neg, _ = setup
     noise = np.random.default_rng(11).standard_normal((1, cfg.in_channels, *LATENT), np.float32)
@@ -414,7 +374,7 @@ def test_generate_matches_diffusers_wan_pipeline(setup):
         noise=jnp.asarray(noise),
         progress=False,
     )
-    assert _rel(got.latents, want.numpy()) <= 1e-5
+    assert rel(got.latents, want.numpy()) <= 1e-5
 
 
 def test_sampling_on_a_mesh_matches_one_device(setup):
@@ -430,7 +390,7 @@ def test_sampling_on_a_mesh_matches_one_device(setup):
     one = _run(setup, chip, backend="xla")
     sharded = _run(setup, chip, backend="xla", mesh=mesh)
     assert "skip" in sharded.report.step_times and any("attn=sparse" in k for k in sharded.report.step_times)
-    assert _rel(sharded.latents, one.latents) <= 1e-5
+    assert rel(sharded.latents, one.latents) <= 1e-5
     got, want = sharded.state.cache.attn, one.state.cache.attn
     np.testing.assert_array_equal(np.asarray(got.mask_bits), np.asarray(want.mask_bits))
     assert got.out.sharding.spec[1:3] == ("cfg", "sp")  # [L, B, H, ...]: branches and heads split

@@ -31,6 +31,7 @@ from models.wan import (
     tiny_config,
     wan_static_mask,
 )
+from tests.models.helpers import rel, torch_state, wan_torch_model
 
 # Latents of 5 x 14 x 20 -> token grid (5, 7, 10): no dimension divisible by the (4, 6, 8) voxel, so the
 # voxel order has a main block and all three tails.
@@ -39,48 +40,11 @@ GRID = (5, 7, 10)
 TEXT_LEN = 7
 
 
-def _torch_model(cfg: WanConfig, seed: int) -> WanTransformer3DModel:
-    """A diffusers model of ``cfg`` with EVERY parameter randomised (norm weights and tables included)."""
-    m = WanTransformer3DModel(
-        patch_size=cfg.patch_size,
-        num_attention_heads=cfg.heads,
-        attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        text_dim=cfg.text_dim,
-        freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim,
-        num_layers=cfg.num_layers,
-        cross_attn_norm=cfg.cross_attn_norm,
-        eps=cfg.eps,
-        image_dim=cfg.image_dim,
-        added_kv_proj_dim=cfg.dim if cfg.is_i2v else None,
-        rope_max_seq_len=cfg.rope_max_seq_len,
-    ).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            fan_in = p.shape[-1] if p.ndim >= 2 else 4
-            noise = torch.randn(p.shape, generator=g) / fan_in**0.5
-            # Norm scales around 1 (random, but not so small that they hide the normalised values).
-            p.copy_(noise + 1.0 if "norm" in name and name.endswith("weight") else noise)
-    return m
-
-
-def _state_dict(m: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy().copy() for k, v in m.state_dict().items()}
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 @pytest.fixture(scope="module")
 def t2v():
     cfg = tiny_config()
-    tm = _torch_model(cfg, seed=0)
-    sd = _state_dict(tm)
+    tm = wan_torch_model(cfg, seed=0)
+    sd = torch_state(tm)
     model = cw.to_model(cfg, cw.convert_tensors(sd, cfg), dtype=jnp.float32)
     return cfg, tm, sd, model
 
@@ -117,7 +81,7 @@ def test_t2v_matches_diffusers_batch2_odd_grid(t2v):
     cache = init_wan_cache(cfg, None, batch=2, grid=GRID, dtype=jnp.float32, step_caching=True)
     out, new = forward(graphdef, state, jnp.asarray(lat), jnp.asarray(ts), jnp.asarray(txt), cache)
     assert out.shape == ref.shape == (2, cfg.out_channels, *LATENT)
-    assert _rel(out, ref) <= 1e-5
+    assert rel(out, ref) <= 1e-5
     # Step caching: the recorded pre-head hidden states reproduce the output through the head alone.
     assert new.attn is None and new.hidden.shape == (2, np.prod(GRID), cfg.dim)
     again = model.final_layer(new.hidden, jnp.asarray(ts), GRID)
@@ -134,15 +98,15 @@ def test_t2v_matches_diffusers_batch2_odd_grid(t2v):
 
 def test_i2v_matches_diffusers():
     cfg = tiny_config(i2v=True, num_layers=2)
-    tm = _torch_model(cfg, seed=1)
-    model = cw.to_model(cfg, cw.convert_tensors(_state_dict(tm), cfg), dtype=jnp.float32)
+    tm = wan_torch_model(cfg, seed=1)
+    model = cw.to_model(cfg, cw.convert_tensors(torch_state(tm), cfg), dtype=jnp.float32)
     # diffusers splits image tokens off the context assuming exactly 512 text tokens.
     lat, ts, txt = _inputs(cfg, batch=2, latent=(2, 6, 8), text_len=512, seed=1)
     img = np.random.RandomState(2).randn(2, 5, cfg.image_dim).astype(np.float32)
     ref = _torch_out(tm, lat, ts, txt, img)
     graphdef, state = nnx.split(model)
     out, _ = forward(graphdef, state, jnp.asarray(lat), jnp.asarray(ts), jnp.asarray(txt), image=jnp.asarray(img))
-    assert _rel(out, ref) <= 1e-5
+    assert rel(out, ref) <= 1e-5
     with pytest.raises(ValueError, match="I2V"):
         model(jnp.asarray(lat), jnp.asarray(ts), jnp.asarray(txt))
 
@@ -300,7 +264,7 @@ def test_chipmunk_all_keys_equals_dense_over_cfg_run(t2v):
     assert np.asarray(unpack_bits(cache.attn.mask_bits, n)).all()
     for t, (out, dense) in enumerate(results):
         for branch in (0, 1):  # cond, uncond
-            err = _rel(out[branch], dense[branch])
+            err = rel(out[branch], dense[branch])
             assert err <= 1e-5, (t, branch, err)
 
 
@@ -312,7 +276,7 @@ def test_chipmunk_sparse_runs_and_stays_close_to_dense(t2v):
     txt_u = np.random.RandomState(5).randn(*txt.shape).astype(np.float32)
     results, kinds, cache = _cfg_run(model, ck, jnp.asarray(lat), jnp.asarray(txt), jnp.asarray(txt_u), static=True)
     for t, (out, dense) in enumerate(results):
-        err = _rel(out, dense)
+        err = rel(out, dense)
         if kinds[t] is AttnKind.SPARSE:
             assert 1e-6 < err < 0.05, (t, err)  # a real approximation (~0.7%), but a close one
         else:
@@ -377,4 +341,4 @@ def test_bf16_i2v_chipmunk_steps_under_strict_promotion():
     assert schedule.steps[2].attn[-1] is AttnKind.SPARSE
     assert out.dtype == cache.attn.out.dtype == jnp.bfloat16
     ref, _ = forward(graphdef, s32, lat, ts, txt, image=img)
-    assert _rel(out.astype(jnp.float32), ref) < 0.03
+    assert rel(out.astype(jnp.float32), ref) < 0.03
