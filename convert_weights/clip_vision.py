@@ -26,7 +26,6 @@ Library use::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,7 +34,6 @@ import numpy as np
 
 from convert_weights import common
 from convert_weights.common import ConversionError, Rule, rule
-from convert_weights.wan import ArraySource
 from models.image_encoders.clip_vision import CLIP_MEAN, CLIP_STD, CLIPVisionConfig
 
 MODEL = "clip_vision"
@@ -127,9 +125,7 @@ class _Canonical:
 def _canonical(tensors) -> _Canonical:
     if isinstance(tensors, _Canonical):
         return tensors
-    if not isinstance(tensors, (ArraySource, common.SafetensorsSource)):
-        tensors = ArraySource(tensors)
-    return _Canonical(tensors)
+    return _Canonical(common.as_source(tensors))
 
 
 def _shape(source: _Canonical, key: str) -> tuple[int, ...]:
@@ -190,16 +186,9 @@ def infer_config(
 
 def target_shapes(cfg: CLIPVisionConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
     """Flat parameter path -> (shape, layered) of ``CLIPVisionEncoder(cfg)``; 'layers.*' have the layer axis."""
-    from flax import nnx
-
     from models.image_encoders.clip_vision import CLIPVisionEncoder
 
-    abstract = nnx.eval_shape(lambda: CLIPVisionEncoder(cfg, rngs=nnx.Rngs(0)))
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        name = ".".join(str(p) for p in path)
-        out[name] = (tuple(var.get_value().shape), name.startswith("layers."))
-    return out
+    return common.module_target_shapes(CLIPVisionEncoder, cfg, layered=("layers.",))
 
 
 def convert_tensors(tensors, cfg: CLIPVisionConfig | None = None, *, dtype=np.float32) -> dict[str, np.ndarray]:
@@ -224,36 +213,32 @@ def to_model(cfg: CLIPVisionConfig, params: Mapping[str, np.ndarray], *, dtype=N
     Raises:
       ValueError: missing, unexpected or mis-shaped parameters (all listed).
     """
-    import jax.numpy as jnp
-    from flax import nnx
-
     from models.image_encoders.clip_vision import CLIPVisionEncoder
 
-    dt = jnp.dtype(dtype if dtype is not None else next(iter(params.values())).dtype)
-    abstract = nnx.eval_shape(lambda: CLIPVisionEncoder(cfg, rngs=nnx.Rngs(0), dtype=dt))
-    return common.fill_module(abstract, params, where="converted CLIP vision tower", dtype=dt)
+    return common.module_from_params(
+        lambda dt, rngs: CLIPVisionEncoder(cfg, rngs=rngs, dtype=dt),
+        params,
+        dtype=dtype,
+        where="converted CLIP vision tower",
+        cast=True,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Files.
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def open_source(src) -> tuple[common.SafetensorsSource, list[Path], dict, dict]:
     """(source, files, model config.json or {}, preprocessor_config.json or {}) of a checkpoint ``src``."""
-    src = Path(src)
-    processor: dict = {}
-    if src.is_dir() and (src / "image_encoder").is_dir() and not list(src.glob("*.safetensors")):
-        processor = _read_json(src / "image_processor" / "preprocessor_config.json")
+    src, processor = Path(src), {}
+    if common.component_dir(src, "image_encoder") != src:  # a pipeline: image_processor/ holds the statistics
+        processor = common.read_json(src / "image_processor" / "preprocessor_config.json")
         src = src / "image_encoder"
     files = common.find_source_files(src)
     folder = src if src.is_dir() else src.parent
-    hf = _read_json(folder / "config.json")
+    hf = common.read_json(folder / "config.json")
     hf = hf.get("vision_config", hf)
-    processor = processor or _read_json(folder / "preprocessor_config.json")
+    processor = processor or common.read_json(folder / "preprocessor_config.json")
     return common.SafetensorsSource(files), files, hf, processor
 
 
@@ -289,25 +274,22 @@ def convert(
       num_heads, activation: override config.json (needed only without one, for towers other than ViT-H/14).
       hash_sources: record the sha256 of each source file in the manifest.
     """
-    if dtype not in common.DTYPES:
-        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {sorted(common.DTYPES)}")
-    np_dtype = np.dtype(common.DTYPES[dtype])
+    np_dtype = common.numpy_dtype(dtype)
     source, files, hf, processor = open_source(src)
     canonical = _canonical(source)
     cfg = infer_config(canonical, **_settings(hf, processor, num_heads, activation))
     params = convert_tensors(canonical, cfg, dtype=np_dtype)
-    manifest = common.make_manifest(
+    return common.write_converted(
+        dst,
+        params,
         model=MODEL,
         variant="with_projection" if cfg.projection_dim is not None else "vision_model",
         source_format="transformers",
         config=cfg,
         dtype=np_dtype,
-        params=params,
         files=files,
         hash_sources=hash_sources,
     )
-    common.write_checkpoint(dst, params, manifest)
-    return manifest
 
 
 def load(path, *, dtype=None):
@@ -317,9 +299,7 @@ def load(path, *, dtype=None):
       path: a directory written by ``convert`` / ``python -m convert_weights clip-vision``.
       dtype: parameter and compute dtype (default: as stored).
     """
-    manifest = common.read_manifest(path)
-    if manifest.get("model") != MODEL:
-        raise ConversionError(f"{path} holds a {manifest.get('model')!r} checkpoint, not a CLIP vision tower")
+    manifest = common.expect_manifest(path, MODEL, "a CLIP vision tower")
     cfg = CLIPVisionConfig.from_dict(manifest["config"])
     return to_model(cfg, common.read_checkpoint(path), dtype=dtype)
 
@@ -337,18 +317,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the conversion described by the parsed arguments; returns the exit status."""
-    m = convert(
-        args.src,
-        args.dst,
-        dtype=args.dtype,
-        num_heads=args.heads,
-        activation=args.activation,
-        hash_sources=not args.no_hash,
-    )
+    m = common.convert_from_args(convert, args, num_heads=args.heads, activation=args.activation)
     c = m["config"]
     print(
         f"wrote {args.dst}: CLIP vision tower ({c['num_layers']} layers, width {c['width']}, "
-        f"{c['num_heads']} heads, {m['num_params'] / 1e6:.1f} M params, {m['dtype']})"
+        f"{c['num_heads']} heads, {common.size_text(m, 'M')})"
     )
     return 0
 

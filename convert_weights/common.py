@@ -5,6 +5,11 @@ A converter is a table of ``Rule``s. Each rule names its source keys (patterns w
 its target parameter paths, and a named transform from ``TRANSFORMS``-style dictionaries. ``apply_rules``
 refuses to produce a checkpoint when any source key is left unused, any target parameter (or layer of a stacked
 parameter) is left unassigned, or any transformed tensor has the wrong shape; the error lists all of them.
+
+The steps every converter's ``convert`` / ``run`` share live here too: sources (``open_safetensors``,
+``ArraySource``, ``component_dir``), targets from ``nnx.eval_shape`` (``module_target_shapes``), the dtype names
+(``numpy_dtype``), checkpoint + manifest writing (``write_converted``), filling a model (``module_from_params``)
+and the CLI (``add_common_arguments``, ``convert_from_args``, ``size_text``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -91,6 +97,73 @@ class SafetensorsSource:
             return sf.get_tensor(raw)
 
 
+class ArraySource:
+    """A flat ``name -> numpy array`` dict seen through the source interface of ``apply_rules`` (``keys``,
+    ``shape``, ``in``, ``get``), so that library callers can convert in-memory state dicts like files."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray]):
+        self._t = dict(tensors)
+
+    def keys(self) -> list[str]:
+        return sorted(self._t)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._t[key].shape)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._t
+
+    def get(self, key: str) -> np.ndarray:
+        return np.asarray(self._t[key])
+
+
+def as_source(tensors):
+    """A ``name -> array`` mapping wrapped as an ``ArraySource``; a source (anything else) is returned as is."""
+    return ArraySource(tensors) if isinstance(tensors, Mapping) else tensors
+
+
+def require_shape(source, key: str, what: str = "the architecture") -> tuple[int, ...]:
+    """The shape of ``key``, or a ConversionError saying that ``what`` cannot be inferred without it."""
+    if key not in source:
+        raise ConversionError(f"cannot infer {what}: {key!r} is missing")
+    return tuple(source.shape(key))
+
+
+def open_safetensors(files: Sequence[Path], strip_common: Sequence[str] = ()) -> SafetensorsSource:
+    """A source over ``files``; the first of ``strip_common`` that every key starts with (a ComfyUI
+    ``model.diffusion_model.`` wrapper, say) is removed from the names."""
+    source = SafetensorsSource(files)
+    keys = source.keys()
+    for prefix in strip_common:
+        if keys and all(k.startswith(prefix) for k in keys):
+            return SafetensorsSource(files, strip_prefix=prefix)
+    return source
+
+
+def component_dir(src: str | os.PathLike, component: str) -> Path:
+    """``src``, or its ``component/`` subfolder when ``src`` is a pipeline directory (no safetensors of its own
+    and a ``component/`` folder, e.g. ``text_encoder``)."""
+    src = Path(src)
+    if src.is_dir() and (src / component).is_dir() and not list(src.glob("*.safetensors")):
+        return src / component
+    return src
+
+
+def read_json(path: Path) -> dict:
+    """The contents of a JSON file, or {} when there is none."""
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def read_diffusers_config(src_dir: Path | None) -> dict:
+    """The diffusers ``config.json`` next to the weights (or in ``transformer/``), or {} when there is none."""
+    if src_dir is None:
+        return {}
+    for f in (src_dir / "config.json", src_dir / "transformer" / "config.json"):
+        if f.exists():
+            return read_json(f)
+    return {}
+
+
 def find_source_files(src: str | os.PathLike) -> list[Path]:
     """The safetensors files of a checkpoint: one file, a directory with an ``*.index.json``, or a directory
     (optionally with a ``transformer/`` subfolder, as a diffusers pipeline) holding safetensors files."""
@@ -132,6 +205,13 @@ def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
 # Key tables.
 
 Transform = Callable[[Sequence[np.ndarray], Any], Sequence[np.ndarray]]
+
+
+def conv3d_kernel(w: np.ndarray) -> np.ndarray:
+    """Torch Conv3d weight [O, I, t, h, w] -> NNX kernel [t, h, w, I, O]."""
+    if w.ndim != 5:
+        raise ValueError(f"conv3d expects a [O, I, t, h, w] weight, got {w.shape}")
+    return w.transpose(2, 3, 4, 1, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +355,55 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a ``--dtype`` name ('bf16', 'fp32', ...); ConversionError listing the choices."""
+    if name not in DTYPES:
+        raise ConversionError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return np.dtype(DTYPES[name])
+
+
+@dataclasses.dataclass(frozen=True)
+class DictConfig:
+    """Gives a plain config dataclass the ``to_dict`` that ``make_manifest`` expects (tuples become lists)."""
+
+    cfg: Any
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self.cfg)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def module_target_shapes(
+    module_cls: Callable[..., Any], cfg: Any, layered: tuple[str, ...] = ()
+) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Flat parameter path -> (shape, layered) of ``module_cls(cfg, rngs=...)``, built with ``nnx.eval_shape``
+    (nothing is allocated): the ``targets`` of ``apply_rules``. Paths starting with one of ``layered`` carry a
+    leading layer axis."""
+    from flax import nnx
+
+    abstract = nnx.eval_shape(lambda: module_cls(cfg, rngs=nnx.Rngs(0)))
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        name = ".".join(str(p) for p in path)
+        out[name] = (tuple(var.get_value().shape), name.startswith(layered))
+    return out
+
+
+def module_param_count(module_cls: Callable[..., Any], cfg: Any) -> int:
+    """Parameters of ``module_cls(cfg, rngs=...)`` (through ``nnx.eval_shape``; nothing is allocated)."""
+    return sum(math.prod(shape) for shape, _ in module_target_shapes(module_cls, cfg).values())
+
+
+def module_params(module, dtype) -> dict[str, np.ndarray]:
+    """Flat ``"a.b.c"`` path -> numpy array in ``dtype`` of every parameter of an NNX module."""
+    from flax import nnx
+
+    return {
+        ".".join(str(p) for p in path): np.asarray(var.get_value()).astype(dtype)
+        for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))
+    }
+
+
 def make_manifest(
     *, model: str, variant: str, source_format: str, config: Any, dtype: np.dtype, params, files, hash_sources: bool
 ) -> dict[str, Any]:
@@ -312,7 +441,7 @@ def fill_module(abstract, arrays: Mapping[str, np.ndarray], *, where: str, dtype
       dtype: cast every parameter to this dtype; None keeps each parameter's own dtype.
 
     Raises:
-      ValueError: listing every missing, mis-shaped and unexpected array.
+      ConversionError (a ValueError): listing every missing, mis-shaped and unexpected array.
     """
     import jax.numpy as jnp
     from flax import nnx
@@ -334,8 +463,40 @@ def fill_module(abstract, arrays: Mapping[str, np.ndarray], *, where: str, dtype
     if extra:
         problems.append(f"unexpected stored arrays {extra}")
     if problems:
-        raise ValueError(f"{where}: checkpoint does not match the model:\n  " + "\n  ".join(problems))
+        raise ConversionError(f"{where}: checkpoint does not match the model:\n  " + "\n  ".join(problems))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def module_from_params(
+    make: Callable[[Any, Any], Any], params: Mapping[str, np.ndarray], *, dtype=None, where: str, cast: bool = False
+):
+    """An NNX module holding ``params`` (flat ``"a.b.c"`` path -> array), built without random initialisation.
+
+    Args:
+      make: ``make(dt, rngs)`` constructs the module for the dtype ``dt``; it runs under ``nnx.eval_shape``.
+      params: the arrays, covering the module exactly (``fill_module`` checks it).
+      dtype: the dtype handed to ``make``; None: that of the first array.
+      where: named in the error.
+      cast: cast every parameter to ``dt`` (else each keeps the dtype the module gives it).
+
+    Raises:
+      ConversionError (a ValueError): listing every missing, mis-shaped and unexpected array.
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+
+    dt = jnp.dtype(dtype if dtype is not None else next(iter(params.values())).dtype)
+    abstract = nnx.eval_shape(lambda: make(dt, nnx.Rngs(0)))
+    return fill_module(abstract, params, where=where, dtype=dt if cast else None)
+
+
+def expect_manifest(path: str | os.PathLike, model: str, what: str) -> dict:
+    """The manifest of a converted checkpoint that must hold ``model``; ConversionError naming ``what`` (the
+    expected content, e.g. 'a Wan transformer') when it holds another model."""
+    manifest = read_manifest(path)
+    if manifest.get("model") != model:
+        raise ConversionError(f"{path} holds a {manifest.get('model')!r} checkpoint, not {what}")
+    return manifest
 
 
 def write_checkpoint(dst: str | os.PathLike, params: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> Path:
@@ -359,6 +520,36 @@ def write_checkpoint(dst: str | os.PathLike, params: Mapping[str, np.ndarray], m
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def write_converted(
+    dst: str | os.PathLike,
+    params: Mapping[str, np.ndarray],
+    *,
+    model: str,
+    variant: str,
+    source_format: str,
+    config: Any,
+    dtype: np.dtype,
+    files,
+    hash_sources: bool,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Writes a converted checkpoint (``write_checkpoint``) with its manifest (``make_manifest`` plus the
+    ``extra`` entries); returns the manifest."""
+    manifest = make_manifest(
+        model=model,
+        variant=variant,
+        source_format=source_format,
+        config=config,
+        dtype=dtype,
+        params=params,
+        files=files,
+        hash_sources=hash_sources,
+    )
+    manifest.update(extra)
+    write_checkpoint(dst, params, manifest)
+    return manifest
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -388,3 +579,18 @@ def add_common_arguments(parser, *, src_help: str, default_dtype: str = "bf16") 
         "--dtype", default=default_dtype, choices=sorted(DTYPES), help=f"parameter dtype ({default_dtype})"
     )
     parser.add_argument("--no-hash", action="store_true", help="skip the sha256 of the source files")
+
+
+def convert_from_args(convert: Callable[..., dict], args, **options: Any) -> dict:
+    """Runs a converter's ``convert(src, dst, dtype=, hash_sources=, **options)`` on the options of
+    ``add_common_arguments``; returns its manifest."""
+    return convert(args.src, args.dst, dtype=args.dtype, hash_sources=not args.no_hash, **options)
+
+
+def size_text(manifest: Mapping[str, Any], unit: str = "B") -> str:
+    """'1.300 B params, bfloat16' (unit 'B') or '126.9 M params, float32' (unit 'M') for a CLI summary."""
+    if unit == "B":
+        return f"{manifest['num_params'] / 1e9:.3f} B params, {manifest['dtype']}"
+    if unit == "M":
+        return f"{manifest['num_params'] / 1e6:.1f} M params, {manifest['dtype']}"
+    raise ValueError(f"unit must be 'B' or 'M', got {unit!r}")

@@ -218,17 +218,13 @@ _BFL_PREFIX = "model.diffusion_model."
 
 def open_source(src) -> tuple[common.SafetensorsSource, str]:
     """Opens a checkpoint and detects its layout: 'bfl' or 'diffusers'."""
-    files = common.find_source_files(src)
-    source = common.SafetensorsSource(files)
-    keys = source.keys()
-    if keys and all(k.startswith(_BFL_PREFIX) for k in keys):
-        source = common.SafetensorsSource(files, strip_prefix=_BFL_PREFIX)
+    source = common.open_safetensors(common.find_source_files(src), strip_common=(_BFL_PREFIX,))
     for fmt, probe in _PROBES.items():
         if probe["marker"] in source:
             return source, fmt
     raise ConversionError(
         f"{src}: not a FLUX.1 transformer checkpoint (found neither 'img_in.weight' (BFL) nor 'x_embedder.weight' "
-        f"(diffusers)); first keys: {keys[:8]}"
+        f"(diffusers)); first keys: {source.keys()[:8]}"
     )
 
 
@@ -252,13 +248,8 @@ def infer_config(source: common.SafetensorsSource, fmt: str, axes_dim=None, src_
         f = source.shape(p["mlp_single"].format(i=0))[1] - c
     else:
         raise ConversionError("the checkpoint has no transformer blocks")
-    if axes_dim is None and fmt == "diffusers" and src_dir is not None:
-        for cfg_file in (src_dir / "config.json", src_dir / "transformer" / "config.json"):
-            if cfg_file.exists():
-                import json
-
-                axes_dim = json.loads(cfg_file.read_text()).get("axes_dims_rope")
-                break
+    if axes_dim is None and fmt == "diffusers":
+        axes_dim = common.read_diffusers_config(src_dir).get("axes_dims_rope")
     if axes_dim is None:
         if head_dim != 128:
             raise ConversionError(f"head_dim {head_dim} != 128: pass --axes-dim (RoPE split, e.g. 4,6,6)")
@@ -280,16 +271,9 @@ def infer_config(source: common.SafetensorsSource, fmt: str, axes_dim=None, src_
 
 def target_shapes(cfg) -> dict[str, tuple[tuple[int, ...], bool]]:
     """Flat parameter path -> (shape, layered) of ``models.flux.Flux(cfg)``, without allocating it."""
-    from flax import nnx
-
     from models.flux.model import Flux
 
-    abstract = nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0)))
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        name = ".".join(str(p) for p in path)
-        out[name] = (tuple(var.get_value().shape), name.startswith(("double.", "single.")))
-    return out
+    return common.module_target_shapes(Flux, cfg, layered=("double.", "single."))
 
 
 def convert(src, dst, *, dtype: str = "bf16", axes_dim=None, hash_sources: bool = True) -> dict:
@@ -302,24 +286,21 @@ def convert(src, dst, *, dtype: str = "bf16", axes_dim=None, hash_sources: bool 
       axes_dim: RoPE axes split; read from diffusers' config.json, else (16, 56, 56) for head_dim 128.
       hash_sources: record the sha256 of each source file in the manifest.
     """
-    if dtype not in common.DTYPES:
-        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {sorted(common.DTYPES)}")
-    np_dtype = np.dtype(common.DTYPES[dtype])
+    np_dtype = common.numpy_dtype(dtype)
     source, fmt = open_source(src)
     cfg = infer_config(source, fmt, axes_dim, Path(src) if Path(src).is_dir() else None)
     params = common.apply_rules(source, RULES[fmt], TRANSFORMS, target_shapes(cfg), cfg, np_dtype)
-    manifest = common.make_manifest(
+    return common.write_converted(
+        dst,
+        params,
         model=MODEL,
         variant="dev" if cfg.guidance_embed else "schnell",
         source_format=fmt,
         config=cfg,
         dtype=np_dtype,
-        params=params,
         files=source.files,
         hash_sources=hash_sources,
     )
-    common.write_checkpoint(dst, params, manifest)
-    return manifest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -337,11 +318,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Runs the conversion described by the parsed arguments; returns the exit status."""
     axes = tuple(int(a) for a in args.axes_dim.split(",")) if args.axes_dim else None
-    m = convert(args.src, args.dst, dtype=args.dtype, axes_dim=axes, hash_sources=not args.no_hash)
-    print(
-        f"wrote {args.dst}: FLUX.1-{m['variant']} from {m['source_format']} "
-        f"({m['num_params'] / 1e9:.3f} B params, {m['dtype']})"
-    )
+    m = common.convert_from_args(convert, args, axes_dim=axes)
+    print(f"wrote {args.dst}: FLUX.1-{m['variant']} from {m['source_format']} ({common.size_text(m, 'B')})")
     return 0
 
 

@@ -40,21 +40,6 @@ COMPONENTS = {
 TOKENIZERS = ("tokenizer", "tokenizer_2")
 
 
-@dataclasses.dataclass(frozen=True)
-class _DictConfig:
-    """Adapter giving a plain config dataclass the ``to_dict`` that ``common.make_manifest`` expects."""
-
-    cfg: object
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self.cfg)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def _weights(directory: Path) -> tuple[dict[str, np.ndarray], list[Path]]:
     files = common.find_source_files(directory)
     source = common.SafetensorsSource(files)
@@ -71,31 +56,24 @@ def _check_source(src: Path) -> None:
 
 
 def _save_module(module, dst: Path, *, model: str, cfg, fmt: str, np_dtype, files, hash_sources: bool) -> dict:
-    from flax import nnx
-
-    params = {
-        ".".join(str(p) for p in path): np.asarray(var.get_value()).astype(np_dtype)
-        for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))
-    }
-    manifest = common.make_manifest(
+    return common.write_converted(
+        dst,
+        common.module_params(module, np_dtype),
         model=model,
         variant=model,
         source_format=fmt,
-        config=_DictConfig(cfg),
+        config=common.DictConfig(cfg),
         dtype=np_dtype,
-        params=params,
         files=files,
         hash_sources=hash_sources,
     )
-    common.write_checkpoint(dst, params, manifest)
-    return manifest
 
 
 def _convert_t5(src: Path, dst: Path, np_dtype, hash_sources: bool) -> dict:
     from convert_weights.t5 import convert_t5, t5_config_from_weights
 
     weights, files = _weights(src)
-    hf = _read_json(src / "config.json")
+    hf = common.read_json(src / "config.json")
     cfg = t5_config_from_weights(
         weights, max_distance=hf.get("relative_attention_max_distance", 128), eps=hf.get("layer_norm_epsilon", 1e-6)
     )
@@ -109,7 +87,7 @@ def _convert_clip(src: Path, dst: Path, np_dtype, hash_sources: bool) -> dict:
     from convert_weights.clip import clip_config_from_weights, convert_clip
 
     weights, files = _weights(src)
-    hf = _read_json(src / "config.json")
+    hf = common.read_json(src / "config.json")
     kwargs = {}
     if "hidden_size" in hf and "num_attention_heads" in hf:
         kwargs["head_dim"] = hf["hidden_size"] // hf["num_attention_heads"]
@@ -137,7 +115,7 @@ def _convert_vae(src: Path, dst: Path, np_dtype, hash_sources: bool) -> dict:
     from convert_weights.flux_ae import convert_flux_ae, detect_format, flux_ae_config_from_weights
 
     weights, files = _weights(src)
-    hf = _read_json(src / "config.json")
+    hf = common.read_json(src / "config.json")
     kwargs = {k: hf[k] for k in ("norm_num_groups", "scaling_factor", "shift_factor") if hf.get(k) is not None}
     cfg = flux_ae_config_from_weights(weights, **kwargs)
     fmt = detect_format(weights)
@@ -162,9 +140,7 @@ def convert(src, dst, *, dtype: str = "bf16", hash_sources: bool = True) -> dict
     """
     from convert_weights import flux
 
-    if dtype not in common.DTYPES:
-        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {sorted(common.DTYPES)}")
-    np_dtype = np.dtype(common.DTYPES[dtype])
+    np_dtype = common.numpy_dtype(dtype)
     src = Path(src)
     _check_source(src)
     dst = Path(dst).absolute()
@@ -206,7 +182,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the conversion described by the parsed arguments; returns the exit status."""
-    m = convert(args.src, args.dst, dtype=args.dtype, hash_sources=not args.no_hash)
+    m = common.convert_from_args(convert, args)
     total = sum(c["num_params"] for c in m["components"].values())
     print(f"wrote {args.dst}: FLUX.1-{m['variant']} pipeline ({total / 1e9:.3f} B params, {m['dtype']})")
     return 0

@@ -31,8 +31,6 @@ Library use::
 from __future__ import annotations
 
 import argparse
-import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -40,7 +38,6 @@ import numpy as np
 
 from convert_weights import common
 from convert_weights.common import ConversionError, Rule, rule
-from convert_weights.wan import ArraySource
 from convert_weights.wan_vae import TRANSFORMS as _WAN_VAE_TRANSFORMS
 from models.vae.hunyuan_vae import HUNYUAN_VAE, MODEL, HunyuanVAEConfig
 
@@ -139,14 +136,14 @@ def key_rules(cfg: HunyuanVAEConfig) -> tuple[Rule, ...]:
 # Architecture from the shapes.
 
 
-def _as_source(tensors) -> ArraySource | common.SafetensorsSource:
+def _as_source(tensors) -> common.ArraySource | common.SafetensorsSource:
     """A source view with the ``vae.`` prefix removed from the names that carry it."""
-    if isinstance(tensors, (ArraySource, common.SafetensorsSource)):
+    if isinstance(tensors, (common.ArraySource, common.SafetensorsSource)):
         return tensors
     stripped = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
     if len(stripped) != len(tensors):
         raise ConversionError(f"keys appear both with and without the {PREFIX!r} prefix")
-    return ArraySource(stripped)
+    return common.ArraySource(stripped)
 
 
 def _shape(source, key: str) -> tuple[int, ...]:
@@ -197,20 +194,16 @@ def infer_config(tensors, **overrides) -> HunyuanVAEConfig:
 
 def target_shapes(cfg: HunyuanVAEConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
     """Flat parameter path -> (shape, layered=False) of ``HunyuanVAE(cfg)``, without allocating it."""
-    from flax import nnx
-
     from models.vae.hunyuan_vae import HunyuanVAE
 
-    abstract = nnx.eval_shape(lambda: HunyuanVAE(cfg, rngs=nnx.Rngs(0)))
-    return {
-        ".".join(str(p) for p in path): (tuple(var.get_value().shape), False)
-        for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
-    }
+    return common.module_target_shapes(HunyuanVAE, cfg)
 
 
 def param_count(cfg: HunyuanVAEConfig) -> int:
     """Parameters of ``HunyuanVAE(cfg)`` (through ``nnx.eval_shape``; nothing is allocated)."""
-    return sum(math.prod(shape) for shape, _ in target_shapes(cfg).values())
+    from models.vae.hunyuan_vae import HunyuanVAE
+
+    return common.module_param_count(HunyuanVAE, cfg)
 
 
 def convert_tensors(tensors, cfg: HunyuanVAEConfig | None = None, *, dtype=np.float32) -> dict[str, np.ndarray]:
@@ -231,14 +224,14 @@ def convert_tensors(tensors, cfg: HunyuanVAEConfig | None = None, *, dtype=np.fl
 
 def to_model(cfg: HunyuanVAEConfig, params: Mapping[str, np.ndarray], *, dtype=None):
     """A ``HunyuanVAE`` holding ``params`` (from ``convert_tensors``), built on ``nnx.eval_shape``."""
-    import jax.numpy as jnp
-    from flax import nnx
-
     from models.vae.hunyuan_vae import HunyuanVAE
 
-    dt = jnp.dtype(dtype if dtype is not None else next(iter(params.values())).dtype)
-    abstract = nnx.eval_shape(lambda: HunyuanVAE(cfg, rngs=nnx.Rngs(0), dtype=dt, param_dtype=dt))
-    return common.fill_module(abstract, params, where="converted HunyuanVideo VAE")
+    return common.module_from_params(
+        lambda dt, rngs: HunyuanVAE(cfg, rngs=rngs, dtype=dt, param_dtype=dt),
+        params,
+        dtype=dtype,
+        where="converted HunyuanVideo VAE",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,9 +255,7 @@ def open_source(src) -> tuple[common.SafetensorsSource, list[Path], dict]:
     ``src`` is a ``.safetensors`` file (a ``config.json`` beside it is used), a diffusers ``vae`` directory, or a
     pipeline directory holding ``vae/``. Pickles (``.pt`` / ``.pth``) are refused with the way to convert them.
     """
-    src = Path(src)
-    if src.is_dir() and (src / "vae").is_dir() and not list(src.glob("*.safetensors")):
-        src = src / "vae"
+    src = common.component_dir(src, "vae")
     if src.is_file() and src.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         raise ConversionError(
             f"{src}: torch pickles are not read here; save its state dict as .safetensors first (see "
@@ -272,7 +263,7 @@ def open_source(src) -> tuple[common.SafetensorsSource, list[Path], dict]:
         )
     files = common.find_source_files(src)
     folder = src if src.is_dir() else src.parent
-    hf = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
+    hf = common.read_json(folder / "config.json")
     return common.SafetensorsSource(files, strip_prefix=PREFIX), files, hf
 
 
@@ -303,9 +294,7 @@ def convert(src, dst, *, dtype: str = "fp32", hash_sources: bool = True, **overr
       hash_sources: record the sha256 of each source file in the manifest.
       **overrides: config fields no tensor carries, taking precedence over config.json.
     """
-    if dtype not in common.DTYPES:
-        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {sorted(common.DTYPES)}")
-    np_dtype = np.dtype(common.DTYPES[dtype])
+    np_dtype = common.numpy_dtype(dtype)
     source, files, hf = open_source(src)
     cfg = infer_config(source, **{**_config_overrides(hf), **overrides})
     _check_against(cfg, hf)
@@ -313,18 +302,17 @@ def convert(src, dst, *, dtype: str = "fp32", hash_sources: bool = True, **overr
     original = hf.get("_class_name") == "AutoencoderKLCausal3D" or any(
         k.startswith(PREFIX) for f in files for k in common._header(f)[0]
     )
-    manifest = common.make_manifest(
+    return common.write_converted(
+        dst,
+        params,
         model=MODEL,
         variant="hunyuan-video" if cfg == HUNYUAN_VAE else "custom",
         source_format=ORIGINAL if original else DIFFUSERS,
         config=cfg,
         dtype=np_dtype,
-        params=params,
         files=files,
         hash_sources=hash_sources,
     )
-    common.write_checkpoint(dst, params, manifest)
-    return manifest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -338,11 +326,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the conversion described by the parsed arguments; returns the exit status."""
-    m = convert(args.src, args.dst, dtype=args.dtype, hash_sources=not args.no_hash)
-    print(
-        f"wrote {args.dst}: HunyuanVideo VAE from {m['source_format']} "
-        f"({m['num_params'] / 1e6:.1f} M params, {m['dtype']})"
-    )
+    m = common.convert_from_args(convert, args)
+    print(f"wrote {args.dst}: HunyuanVideo VAE from {m['source_format']} ({common.size_text(m, 'M')})")
     return 0
 
 

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -41,7 +39,6 @@ import numpy as np
 from convert_weights import common
 from convert_weights import flux as flux_convert
 from convert_weights.common import ConversionError, Rule, rule
-from convert_weights.wan import ArraySource
 from models.hunyuan_video.config import HunyuanVideoConfig
 
 MODEL = "hunyuan_video"
@@ -222,14 +219,9 @@ PROBES = {
 _PREFIXES = ("model.diffusion_model.", "module.")
 
 
-def _as_source(tensors):
-    """A name -> array mapping as an ``ArraySource``; sources (keys / shape / get / in) pass through."""
-    return ArraySource(tensors) if isinstance(tensors, Mapping) else tensors
-
-
 def detect_format(tensors) -> str:
     """'diffusers' or 'original', from the key names of a mapping or a source."""
-    source = _as_source(tensors)
+    source = common.as_source(tensors)
     for fmt, probe in PROBES.items():
         if probe["marker"] in source:
             return fmt
@@ -239,26 +231,10 @@ def detect_format(tensors) -> str:
     )
 
 
-def _shape(source, key: str) -> tuple[int, ...]:
-    if key not in source:
-        raise ConversionError(f"cannot infer the architecture: {key!r} is missing")
-    return tuple(source.shape(key))
-
-
 def _contiguous(layers: list[int], what: str) -> int:
     if layers != list(range(len(layers))):
         raise ConversionError(f"{what} indices are not contiguous from 0: {layers}")
     return len(layers)
-
-
-def read_diffusers_config(src_dir: Path | None) -> dict:
-    """The diffusers ``config.json`` next to the weights (or in ``transformer/``), or {} when there is none."""
-    if src_dir is None:
-        return {}
-    for f in (src_dir / "config.json", src_dir / "transformer" / "config.json"):
-        if f.exists():
-            return json.loads(f.read_text())
-    return {}
 
 
 def infer_config(
@@ -283,7 +259,7 @@ def infer_config(
       ConversionError: missing probe keys, non-contiguous blocks, inconsistent shapes, or a RoPE split that
         cannot be known (head_dim != 128 without ``rope_axes_dim`` or a config.json).
     """
-    source = _as_source(tensors)
+    source = common.as_source(tensors)
     fmt = detect_format(source)
     p, keys = PROBES[fmt], source.keys()
     dc = dict(diffusers_config or {})
@@ -292,18 +268,18 @@ def infer_config(
             f"image_condition_type={dc['image_condition_type']!r}: the image-to-video variants are not supported "
             "by models.hunyuan_video (text-to-video only)"
         )
-    c, c_in, pt, ph, pw = _shape(source, p["marker"])
+    c, c_in, pt, ph, pw = common.require_shape(source, p["marker"])
     if ph != pw:
         raise ConversionError(f"non-square spatial patch ({ph}, {pw}) in {p['marker']}")
     nd = _contiguous(common.layer_indices(keys, p["double"]), "double block")
     ns = _contiguous(common.layer_indices(keys, p["single"]), "single block")
     nr = _contiguous(common.layer_indices(keys, p["refiner"]), "refiner block")
     if nd:
-        head_dim = _shape(source, p["double"].format(i=0))[0]
-        f = _shape(source, p["mlp_double"].format(i=0))[0]
+        head_dim = common.require_shape(source, p["double"].format(i=0))[0]
+        f = common.require_shape(source, p["mlp_double"].format(i=0))[0]
     elif ns:
-        head_dim = _shape(source, p["single"].format(i=0))[0]
-        f = _shape(source, p["mlp_single"].format(i=0))[0] - (3 * c if fmt == ORIGINAL else 0)
+        head_dim = common.require_shape(source, p["single"].format(i=0))[0]
+        f = common.require_shape(source, p["mlp_single"].format(i=0))[0] - (3 * c if fmt == ORIGINAL else 0)
     else:
         raise ConversionError("the checkpoint has no double or single transformer blocks")
     if c % head_dim:
@@ -311,7 +287,7 @@ def infer_config(
     mlp_ratio = f / c
     if int(c * mlp_ratio) != f:
         raise ConversionError(f"MLP width {f} is not representable as int({c} * mlp_ratio)")
-    out_features = _shape(source, p["out"])[0]
+    out_features = common.require_shape(source, p["out"])[0]
     if out_features % (pt * ph * pw):
         raise ConversionError(f"{p['out']} has {out_features} outputs, not a multiple of the patch volume")
     if rope_axes_dim is None:
@@ -338,8 +314,8 @@ def infer_config(
             patch_size=ph,
             patch_size_t=pt,
             guidance_embeds=p["guidance"] in source,
-            text_dim=_shape(source, p["text"])[1],
-            pooled_dim=_shape(source, p["pooled"])[1],
+            text_dim=common.require_shape(source, p["text"])[1],
+            pooled_dim=common.require_shape(source, p["pooled"])[1],
             rope_theta=float(rope_theta),
             rope_axes_dim=tuple(int(a) for a in rope_axes_dim),
         )
@@ -349,9 +325,7 @@ def infer_config(
 
 def config_to_dict(cfg: HunyuanVideoConfig) -> dict:
     """The JSON-able dict of a config (what the manifest stores)."""
-    d = dataclasses.asdict(cfg)
-    d["rope_axes_dim"] = list(cfg.rope_axes_dim)
-    return d
+    return common.DictConfig(cfg).to_dict()
 
 
 def config_from_dict(d: Mapping) -> HunyuanVideoConfig:
@@ -363,33 +337,20 @@ def config_from_dict(d: Mapping) -> HunyuanVideoConfig:
     return HunyuanVideoConfig(**d)
 
 
-@dataclasses.dataclass(frozen=True)
-class _ManifestConfig:
-    """``common.make_manifest`` wants ``config.to_dict()``."""
-
-    cfg: HunyuanVideoConfig
-
-    def to_dict(self) -> dict:
-        return config_to_dict(self.cfg)
-
-
 def target_shapes(cfg: HunyuanVideoConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
     """Flat parameter path -> (shape, layered) of ``HunyuanVideoTransformer3D(cfg)``, without allocating it."""
-    from flax import nnx
-
     from models.hunyuan_video.transformer import HunyuanVideoTransformer3D
 
-    abstract = nnx.eval_shape(lambda: HunyuanVideoTransformer3D(cfg, rngs=nnx.Rngs(0)))
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        name = ".".join(str(p) for p in path)
-        out[name] = (tuple(var.get_value().shape), name.startswith(("double.", "single.", "refiner.blocks.")))
-    return out
+    return common.module_target_shapes(
+        HunyuanVideoTransformer3D, cfg, layered=("double.", "single.", "refiner.blocks.")
+    )
 
 
 def param_count(cfg: HunyuanVideoConfig) -> int:
     """Parameters of ``HunyuanVideoTransformer3D(cfg)`` (through ``nnx.eval_shape``; nothing is allocated)."""
-    return sum(math.prod(shape) for shape, _ in target_shapes(cfg).values())
+    from models.hunyuan_video.transformer import HunyuanVideoTransformer3D
+
+    return common.module_param_count(HunyuanVideoTransformer3D, cfg)
 
 
 def convert_tensors(tensors, cfg: HunyuanVideoConfig | None = None, *, dtype=np.float32, **infer) -> dict:
@@ -407,7 +368,7 @@ def convert_tensors(tensors, cfg: HunyuanVideoConfig | None = None, *, dtype=np.
     Raises:
       ConversionError: listing unknown source keys, unassigned targets (or layers) and shape mismatches.
     """
-    source = _as_source(tensors)
+    source = common.as_source(tensors)
     fmt = detect_format(source)
     cfg = cfg if cfg is not None else infer_config(source, **infer)
     return common.apply_rules(source, RULES[fmt], TRANSFORMS, target_shapes(cfg), cfg, np.dtype(dtype))
@@ -424,14 +385,15 @@ def to_model(cfg: HunyuanVideoConfig, params: Mapping[str, np.ndarray], *, dtype
     Raises:
       ValueError: missing, unexpected or mis-shaped parameters (all listed).
     """
-    import jax.numpy as jnp
-    from flax import nnx
-
     from models.hunyuan_video.transformer import HunyuanVideoTransformer3D
 
-    dt = jnp.dtype(dtype) if dtype is not None else jnp.dtype(next(iter(params.values())).dtype)
-    abstract = nnx.eval_shape(lambda: HunyuanVideoTransformer3D(cfg, rngs=nnx.Rngs(0), dtype=dt))
-    return common.fill_module(abstract, params, where="converted parameters", dtype=dt)
+    return common.module_from_params(
+        lambda dt, rngs: HunyuanVideoTransformer3D(cfg, rngs=rngs, dtype=dt),
+        params,
+        dtype=dtype,
+        where="converted parameters",
+        cast=True,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -441,13 +403,7 @@ def to_model(cfg: HunyuanVideoConfig, params: Mapping[str, np.ndarray], *, dtype
 def open_source(src) -> tuple[common.SafetensorsSource, str]:
     """A lazy source over a checkpoint (a .safetensors file, or a diffusers directory, sharded or not) and its
     layout ('diffusers' or 'original'); a prefix shared by every key (ComfyUI, DeepSpeed) is stripped."""
-    files = common.find_source_files(src)
-    source = common.SafetensorsSource(files)
-    keys = source.keys()
-    for prefix in _PREFIXES:
-        if keys and all(k.startswith(prefix) for k in keys):
-            source = common.SafetensorsSource(files, strip_prefix=prefix)
-            break
+    source = common.open_safetensors(common.find_source_files(src), strip_common=_PREFIXES)
     return source, detect_format(source)
 
 
@@ -471,27 +427,27 @@ def convert(
       rope_theta: RoPE base; default from config.json, else 256.
       hash_sources: record the sha256 of each source file in the manifest.
     """
-    if dtype not in common.DTYPES:
-        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {sorted(common.DTYPES)}")
-    np_dtype = np.dtype(common.DTYPES[dtype])
+    np_dtype = common.numpy_dtype(dtype)
     source, fmt = open_source(src)
     src_dir = Path(src) if Path(src).is_dir() else None
     cfg = infer_config(
-        source, rope_axes_dim=rope_axes_dim, rope_theta=rope_theta, diffusers_config=read_diffusers_config(src_dir)
+        source,
+        rope_axes_dim=rope_axes_dim,
+        rope_theta=rope_theta,
+        diffusers_config=common.read_diffusers_config(src_dir),
     )
     params = convert_tensors(source, cfg, dtype=np_dtype)
-    manifest = common.make_manifest(
+    return common.write_converted(
+        dst,
+        params,
         model=MODEL,
         variant="t2v" if cfg.guidance_embeds else "t2v-no-guidance-embedding",
         source_format=fmt,
-        config=_ManifestConfig(cfg),
+        config=common.DictConfig(cfg),
         dtype=np_dtype,
-        params=params,
         files=source.files,
         hash_sources=hash_sources,
     )
-    common.write_checkpoint(dst, params, manifest)
-    return manifest
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -525,19 +481,12 @@ def run(args: argparse.Namespace) -> int:
     """Runs the conversion described by the parsed arguments; returns the exit status."""
     if args.rope_axes_dim is not None and len(args.rope_axes_dim) != 3:
         raise ConversionError(f"--rope-axes-dim needs 3 sizes (t,h,w), got {args.rope_axes_dim}")
-    m = convert(
-        args.src,
-        args.dst,
-        dtype=args.dtype,
-        rope_axes_dim=args.rope_axes_dim,
-        rope_theta=args.rope_theta,
-        hash_sources=not args.no_hash,
-    )
+    m = common.convert_from_args(convert, args, rope_axes_dim=args.rope_axes_dim, rope_theta=args.rope_theta)
     c = m["config"]
     print(
         f"wrote {args.dst}: HunyuanVideo {m['variant']} from {m['source_format']} "
         f"({c['depth_double']} double + {c['depth_single']} single blocks, width {c['heads'] * c['head_dim']}; "
-        f"{m['num_params'] / 1e9:.3f} B params, {m['dtype']})"
+        f"{common.size_text(m, 'B')})"
     )
     return 0
 

@@ -33,8 +33,6 @@ Library use::
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -45,7 +43,6 @@ import numpy as np
 
 from convert_weights import common
 from convert_weights.common import ConversionError, Rule, rule
-from convert_weights.wan import ArraySource
 from models.text_encoders.llama import LlamaConfig, rope_from_hf
 
 MODEL = "llama"
@@ -154,16 +151,13 @@ def decoder_view(tensors) -> DecoderView:
     """A DecoderView over a mapping name -> array, a ``common.SafetensorsSource`` or a view (returned as is)."""
     if isinstance(tensors, DecoderView):
         return tensors
-    source = tensors if isinstance(tensors, (ArraySource, common.SafetensorsSource)) else ArraySource(tensors)
+    source = common.as_source(tensors)
     return DecoderView(source, detect_prefix(source))
 
 
 def source_dir(src: str | os.PathLike) -> Path:
     """``src``, or its ``text_encoder/`` when ``src`` is a diffusers pipeline directory."""
-    src = Path(src)
-    if src.is_dir() and (src / "text_encoder").is_dir() and not list(src.glob("*.safetensors")):
-        return src / "text_encoder"
-    return src
+    return common.component_dir(src, "text_encoder")
 
 
 def open_source(src: str | os.PathLike) -> DecoderView:
@@ -176,9 +170,7 @@ def read_hf_config(src: str | os.PathLike) -> dict[str, Any]:
     """The transformers ``config.json`` next to the weights (llava's ``text_config`` when nested), or {}."""
     src = source_dir(src)
     path = src / "config.json" if src.is_dir() else src.parent / "config.json"
-    if not path.exists():
-        return {}
-    hf = json.loads(path.read_text())
+    hf = common.read_json(path)
     return dict(hf["text_config"]) if isinstance(hf.get("text_config"), dict) else hf
 
 
@@ -187,9 +179,7 @@ def read_hf_config(src: str | os.PathLike) -> dict[str, Any]:
 
 
 def _shape(view: DecoderView, key: str) -> tuple[int, ...]:
-    if key not in view:
-        raise ConversionError(f"cannot infer the Llama architecture: {key!r} is missing")
-    return view.shape(key)
+    return common.require_shape(view, key, "the Llama architecture")
 
 
 def infer_config(tensors, hf: Mapping[str, Any] | None = None, *, head_dim: int = 128) -> LlamaConfig:
@@ -260,21 +250,16 @@ def infer_config(tensors, hf: Mapping[str, Any] | None = None, *, head_dim: int 
 
 def target_shapes(cfg: LlamaConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
     """Flat parameter path -> (shape, layered) of ``LlamaEncoder(cfg)``, without allocating it."""
-    from flax import nnx
-
     from models.text_encoders.llama import LlamaEncoder
 
-    abstract = nnx.eval_shape(lambda: LlamaEncoder(cfg, rngs=nnx.Rngs(0)))
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        name = ".".join(str(p) for p in path)
-        out[name] = (tuple(var.get_value().shape), name.startswith("layers."))
-    return out
+    return common.module_target_shapes(LlamaEncoder, cfg, layered=("layers.",))
 
 
 def param_count(cfg: LlamaConfig) -> int:
     """Parameters of ``LlamaEncoder(cfg)`` (through ``nnx.eval_shape``; nothing is allocated)."""
-    return sum(math.prod(shape) for shape, _ in target_shapes(cfg).values())
+    from models.text_encoders.llama import LlamaEncoder
+
+    return common.module_param_count(LlamaEncoder, cfg)
 
 
 def convert_tensors(tensors, cfg: LlamaConfig | None = None, *, dtype=np.float32) -> dict[str, np.ndarray]:
@@ -313,14 +298,15 @@ def to_model(cfg: LlamaConfig, params: Mapping[str, np.ndarray], *, dtype=None, 
     Raises:
       ValueError: listing missing, unexpected or mis-shaped parameters.
     """
-    import jax.numpy as jnp
-    from flax import nnx
-
     from models.text_encoders.llama import LlamaEncoder
 
-    dt = jnp.dtype(dtype if dtype is not None else next(iter(params.values())).dtype)
-    abstract = nnx.eval_shape(lambda: LlamaEncoder(cfg, rngs=nnx.Rngs(0), dtype=dt, param_dtype=dt))
-    return common.fill_module(abstract, params, where=where, dtype=dt)
+    return common.module_from_params(
+        lambda dt, rngs: LlamaEncoder(cfg, rngs=rngs, dtype=dt, param_dtype=dt),
+        params,
+        dtype=dtype,
+        where=where,
+        cast=True,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -341,25 +327,22 @@ def convert(src, dst, *, dtype: str = "bf16", head_dim: int = 128, hash_sources:
     Raises:
       ConversionError: unsupported config, or any unknown key, missing parameter or shape mismatch (all listed).
     """
-    if dtype not in common.DTYPES:
-        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {sorted(common.DTYPES)}")
-    np_dtype = np.dtype(common.DTYPES[dtype])
+    np_dtype = common.numpy_dtype(dtype)
     view = open_source(src)
     cfg = infer_config(view, read_hf_config(src), head_dim=head_dim)
     params = convert_tensors(view, cfg, dtype=np_dtype)
-    manifest = common.make_manifest(
+    return common.write_converted(
+        dst,
+        params,
         model=MODEL,
         variant=f"{cfg.num_layers}L-{cfg.hidden_size}",
         source_format=f"transformers:{view.prefix or 'LlamaModel'}",
         config=cfg,
         dtype=np_dtype,
-        params=params,
         files=view.files,
         hash_sources=hash_sources,
+        ignored_source_keys=sorted(view.ignored),
     )
-    manifest["ignored_source_keys"] = sorted(view.ignored)
-    common.write_checkpoint(dst, params, manifest)
-    return manifest
 
 
 def load(path: str | os.PathLike, *, dtype=None):
@@ -372,9 +355,7 @@ def load(path: str | os.PathLike, *, dtype=None):
     Raises:
       ValueError: the directory holds another model or its arrays do not match the config.
     """
-    manifest = common.read_manifest(path)
-    if manifest.get("model") != MODEL:
-        raise ValueError(f"{path} holds a {manifest.get('model')!r} checkpoint, not {MODEL!r}")
+    manifest = common.expect_manifest(path, MODEL, repr(MODEL))
     cfg = LlamaConfig.from_dict(manifest["config"])
     return to_model(cfg, common.read_checkpoint(path), dtype=dtype or manifest["dtype"], where=str(path))
 
@@ -393,11 +374,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the conversion described by the parsed arguments; returns the exit status."""
-    m = convert(args.src, args.dst, dtype=args.dtype, head_dim=args.head_dim, hash_sources=not args.no_hash)
+    m = common.convert_from_args(convert, args, head_dim=args.head_dim)
     ignored = m["ignored_source_keys"]
     if ignored:
         print(f"note: skipped {len(ignored)} key(s) outside the text decoder (lm_head / vision tower / buffers)")
-    print(f"wrote {args.dst}: Llama text encoder {m['variant']} ({m['num_params'] / 1e9:.3f} B params, {m['dtype']})")
+    print(f"wrote {args.dst}: Llama text encoder {m['variant']} ({common.size_text(m, 'B')})")
     return 0
 
 

@@ -38,7 +38,6 @@ import numpy as np
 
 from convert_weights import common
 from convert_weights.common import ConversionError, Rule, rule
-from convert_weights.wan import ArraySource
 from models.mochi.config import MOCHI_1_PREVIEW, MochiConfig
 
 MODEL = "mochi"
@@ -256,15 +255,9 @@ class _RenamedSource:
         return self._src.get(self._name(key))
 
 
-def _as_source(tensors):
-    if isinstance(tensors, (ArraySource, common.SafetensorsSource, _RenamedSource)):
-        return tensors
-    return ArraySource(tensors)
-
-
 def detect_format(tensors) -> str:
     """'diffusers' or 'original', from the key names of a mapping or a source."""
-    keys = set(_as_source(tensors).keys())
+    keys = set(common.as_source(tensors).keys())
     if "time_embed.caption_proj.weight" in keys:
         return DIFFUSERS
     if "t5_yproj.weight" in keys:
@@ -285,12 +278,6 @@ def _num_layers(source, fmt: str) -> int:
     return len(layers)
 
 
-def _shape(source, key: str) -> tuple[int, ...]:
-    if key not in source:
-        raise ConversionError(f"cannot infer the architecture: {key!r} is missing")
-    return tuple(source.shape(key))
-
-
 def infer_config(tensors, *, text_pool_heads: int = 8, **overrides) -> MochiConfig:
     """The MochiConfig of a checkpoint, read off its tensor shapes.
 
@@ -302,21 +289,21 @@ def infer_config(tensors, *, text_pool_heads: int = 8, **overrides) -> MochiConf
     Returns:
       The architecture config.
     """
-    source = _as_source(tensors)
+    source = common.as_source(tensors)
     fmt = detect_format(source)
     k = _SIZE_KEYS[fmt]
-    dim, c_in, p, p2 = _shape(source, k["patch"])
+    dim, c_in, p, p2 = common.require_shape(source, k["patch"])
     if p != p2:
         raise ConversionError(f"{k['patch']}: non-square patch {(p, p2)}")
-    three, heads, half = _shape(source, "pos_frequencies")
+    three, heads, half = common.require_shape(source, "pos_frequencies")
     if three != 3 or heads * 2 * half != dim:
         raise ConversionError(
             f"pos_frequencies {(three, heads, half)} does not fit a model of width {dim} (want [3, H, D/2], H*D = C)"
         )
-    out_features = _shape(source, k["proj_out"])[0]
+    out_features = common.require_shape(source, k["proj_out"])[0]
     if out_features % (p * p):
         raise ConversionError(f"{k['proj_out']} has {out_features} outputs, not a multiple of the patch area {p * p}")
-    text_width, text_dim = _shape(source, k["caption"])
+    text_width, text_dim = common.require_shape(source, k["caption"])
     fields = dict(
         patch_size=p,
         in_channels=c_in,
@@ -326,7 +313,7 @@ def infer_config(tensors, *, text_pool_heads: int = 8, **overrides) -> MochiConf
         num_layers=_num_layers(source, fmt),
         text_width=text_width,
         text_dim=text_dim,
-        time_embed_dim=_shape(source, k["time_1"])[1],
+        time_embed_dim=common.require_shape(source, k["time_1"])[1],
         text_pool_heads=text_pool_heads,
     )
     fields.update(overrides)
@@ -338,16 +325,9 @@ def infer_config(tensors, *, text_pool_heads: int = 8, **overrides) -> MochiConf
 
 def target_shapes(cfg: MochiConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
     """Flat parameter path -> (shape, layered) of ``MochiTransformer3D(cfg)``, without allocating it."""
-    from flax import nnx
-
     from models.mochi.transformer import MochiTransformer3D
 
-    abstract = nnx.eval_shape(lambda: MochiTransformer3D(cfg, rngs=nnx.Rngs(0)))
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        name = ".".join(str(p) for p in path)
-        out[name] = (tuple(var.get_value().shape), name.startswith("blocks."))
-    return out
+    return common.module_target_shapes(MochiTransformer3D, cfg, layered=("blocks.",))
 
 
 def convert_tensors(
@@ -369,7 +349,7 @@ def convert_tensors(
     Raises:
       ConversionError: listing unknown source keys, unassigned targets (or layers) and shape mismatches.
     """
-    source = _as_source(tensors)
+    source = common.as_source(tensors)
     fmt = detect_format(source)
     cfg = cfg if cfg is not None else infer_config(source, text_pool_heads=text_pool_heads)
     prefix = _BLOCK_PREFIX[fmt]
@@ -413,11 +393,7 @@ def source_files(src) -> list:
 
 def open_source(src) -> common.SafetensorsSource:
     """A lazy source over a Mochi transformer checkpoint (see ``source_files``)."""
-    files = source_files(src)
-    source = common.SafetensorsSource(files)
-    if source.keys() and all(k.startswith(_COMFY_PREFIX) for k in source.keys()):
-        source = common.SafetensorsSource(files, strip_prefix=_COMFY_PREFIX)
-    return source
+    return common.open_safetensors(source_files(src), strip_common=(_COMFY_PREFIX,))
 
 
 def convert(src, dst, *, dtype: str = "bf16", text_pool_heads: int = 8, hash_sources: bool = True) -> dict:
@@ -430,25 +406,22 @@ def convert(src, dst, *, dtype: str = "bf16", text_pool_heads: int = 8, hash_sou
       text_pool_heads: heads of the text attention pooling (8 in every release; no tensor carries it).
       hash_sources: record the sha256 of each source file in the manifest.
     """
-    if dtype not in common.DTYPES:
-        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {sorted(common.DTYPES)}")
-    np_dtype = np.dtype(common.DTYPES[dtype])
+    np_dtype = common.numpy_dtype(dtype)
     source = open_source(src)
     fmt = detect_format(source)
     cfg = infer_config(source, text_pool_heads=text_pool_heads)
     params = convert_tensors(source, cfg, dtype=np_dtype)
-    manifest = common.make_manifest(
+    return common.write_converted(
+        dst,
+        params,
         model=MODEL,
         variant="mochi-1-preview" if cfg == MOCHI_1_PREVIEW else "custom",
         source_format=fmt,
         config=cfg,
         dtype=np_dtype,
-        params=params,
         files=source.files,
         hash_sources=hash_sources,
     )
-    common.write_checkpoint(dst, params, manifest)
-    return manifest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -464,13 +437,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    m = convert(
-        args.src, args.dst, dtype=args.dtype, text_pool_heads=args.text_pool_heads, hash_sources=not args.no_hash
-    )
+    m = common.convert_from_args(convert, args, text_pool_heads=args.text_pool_heads)
     c = m["config"]
     print(
         f"wrote {args.dst}: Mochi 1 transformer ({m['variant']}, {c['num_layers']} layers, {c['heads']} heads x "
-        f"{c['head_dim']}) from {m['source_format']} ({m['num_params'] / 1e9:.3f} B params, {m['dtype']}); "
+        f"{c['head_dim']}) from {m['source_format']} ({common.size_text(m, 'B')}); "
         "load it with models.mochi.load.load_transformer"
     )
     return 0

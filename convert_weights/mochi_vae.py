@@ -28,8 +28,6 @@ Library use::
 from __future__ import annotations
 
 import argparse
-import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -37,7 +35,6 @@ import numpy as np
 
 from convert_weights import common
 from convert_weights.common import ConversionError, Rule, rule
-from convert_weights.wan import ArraySource
 from models.vae.mochi_vae import MOCHI_VAE, MODEL, MochiVAEConfig
 
 DIFFUSERS = "diffusers"
@@ -48,12 +45,6 @@ GENMO_FILES = ("encoder.safetensors", "decoder.safetensors")
 # ---------------------------------------------------------------------------------------------------------
 # Named transforms: (source arrays, MochiVAEConfig) -> target arrays. Torch layouts: Conv3d [O, I, t, h, w],
 # Linear [O, I].
-
-
-def _conv3d(w: np.ndarray) -> np.ndarray:
-    if w.ndim != 5:
-        raise ValueError(f"conv3d expects a [O, I, t, h, w] weight, got {w.shape}")
-    return w.transpose(2, 3, 4, 1, 0)
 
 
 def _linear(w: np.ndarray) -> np.ndarray:
@@ -71,7 +62,7 @@ def _qkv(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 TRANSFORMS = {
     "identity": lambda xs, cfg: (xs[0],),
-    "conv3d": lambda xs, cfg: (_conv3d(xs[0]),),  # -> [t, h, w, I, O]
+    "conv3d": lambda xs, cfg: (common.conv3d_kernel(xs[0]),),  # -> [t, h, w, I, O]
     "linear": lambda xs, cfg: (_linear(xs[0]),),  # -> nnx.Linear kernel [I, O]
     "qkv": lambda xs, cfg: _qkv(xs[0]),  # fused genmo qkv -> to_q, to_k, to_v kernels
 }
@@ -227,7 +218,7 @@ def key_rules(cfg: MochiVAEConfig, fmt: str) -> tuple[Rule, ...]:
 class PrefixedSource:
     """Several sources seen as one, each key prefixed (genmo's ``encoder.safetensors`` -> ``encoder.*``)."""
 
-    def __init__(self, parts: Sequence[tuple[str, ArraySource | common.SafetensorsSource]]):
+    def __init__(self, parts: Sequence[tuple[str, common.ArraySource | common.SafetensorsSource]]):
         self._where: dict[str, tuple[object, str]] = {}
         for prefix, source in parts:
             for key in source.keys():
@@ -248,20 +239,12 @@ class PrefixedSource:
         return source.get(raw)
 
 
-Source = ArraySource | common.SafetensorsSource | PrefixedSource
-
-
-def _as_source(tensors) -> Source:
-    return (
-        tensors
-        if isinstance(tensors, (ArraySource, common.SafetensorsSource, PrefixedSource))
-        else ArraySource(tensors)
-    )
+Source = common.ArraySource | common.SafetensorsSource | PrefixedSource
 
 
 def detect_format(tensors) -> str:
     """'diffusers' or 'original' (genmo names with ``encoder.`` / ``decoder.`` prefixes), from the key names."""
-    keys = set(_as_source(tensors).keys())
+    keys = set(common.as_source(tensors).keys())
     if "decoder.conv_in.weight" in keys and "decoder.proj_out.weight" in keys:
         return DIFFUSERS
     if "decoder.blocks.0.0.weight" in keys and "decoder.output_proj.weight" in keys:
@@ -274,9 +257,7 @@ def detect_format(tensors) -> str:
 
 
 def _shape(source: Source, key: str) -> tuple[int, ...]:
-    if key not in source:
-        raise ConversionError(f"cannot infer the VAE architecture: {key!r} is missing")
-    return tuple(source.shape(key))
+    return common.require_shape(source, key, "the VAE architecture")
 
 
 def _layer_counts(keys: Sequence[str], fmt: str) -> tuple[int, tuple[int, ...], tuple[int, ...] | None]:
@@ -324,7 +305,7 @@ def infer_config(tensors, **overrides) -> MochiVAEConfig:
     Raises:
         ConversionError: an unrecognised layout, a tensor needed for inference is missing, or the parts disagree.
     """
-    source = _as_source(tensors)
+    source = common.as_source(tensors)
     fmt = detect_format(source)
     d = fmt == DIFFUSERS
     nb, dec_layers, enc_layers = _layer_counts(source.keys(), fmt)
@@ -409,20 +390,16 @@ def infer_config(tensors, **overrides) -> MochiVAEConfig:
 
 def target_shapes(cfg: MochiVAEConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
     """Flat parameter path -> (shape, layered=False) of ``MochiVAE(cfg)``, without allocating it."""
-    from flax import nnx
-
     from models.vae.mochi_vae import MochiVAE
 
-    abstract = nnx.eval_shape(lambda: MochiVAE(cfg, rngs=nnx.Rngs(0)))
-    return {
-        ".".join(str(p) for p in path): (tuple(var.get_value().shape), False)
-        for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
-    }
+    return common.module_target_shapes(MochiVAE, cfg)
 
 
 def param_count(cfg: MochiVAEConfig) -> int:
     """Parameters of ``MochiVAE(cfg)`` (through ``nnx.eval_shape``; nothing is allocated)."""
-    return sum(math.prod(shape) for shape, _ in target_shapes(cfg).values())
+    from models.vae.mochi_vae import MochiVAE
+
+    return common.module_param_count(MochiVAE, cfg)
 
 
 def convert_tensors(tensors, cfg: MochiVAEConfig | None = None, *, dtype=np.float32) -> dict[str, np.ndarray]:
@@ -440,7 +417,7 @@ def convert_tensors(tensors, cfg: MochiVAEConfig | None = None, *, dtype=np.floa
     Raises:
         ConversionError: listing unknown source keys, unassigned targets and shape mismatches.
     """
-    source = _as_source(tensors)
+    source = common.as_source(tensors)
     fmt = detect_format(source)
     cfg = cfg if cfg is not None else infer_config(source)
     return common.apply_rules(source, key_rules(cfg, fmt), TRANSFORMS, target_shapes(cfg), cfg, np.dtype(dtype))
@@ -452,14 +429,14 @@ def to_model(cfg: MochiVAEConfig, params: Mapping[str, np.ndarray], *, dtype=Non
     Raises:
         ValueError: missing, unexpected or mis-shaped parameters (all listed).
     """
-    import jax.numpy as jnp
-    from flax import nnx
-
     from models.vae.mochi_vae import MochiVAE
 
-    dt = jnp.dtype(dtype if dtype is not None else next(iter(params.values())).dtype)
-    abstract = nnx.eval_shape(lambda: MochiVAE(cfg, rngs=nnx.Rngs(0), dtype=dt, param_dtype=dt))
-    return common.fill_module(abstract, params, where="converted Mochi VAE")
+    return common.module_from_params(
+        lambda dt, rngs: MochiVAE(cfg, rngs=rngs, dtype=dt, param_dtype=dt),
+        params,
+        dtype=dtype,
+        where="converted Mochi VAE",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -490,7 +467,7 @@ def open_source(src) -> tuple[Source, list[Path], dict]:
             raise ConversionError(f"{genmo}: keys already carry encoder./decoder. prefixes; pass a diffusers vae dir")
         return PrefixedSource(parts), genmo, {}
     files = common.find_source_files(src)
-    hf = json.loads((src / "config.json").read_text()) if src.is_dir() and (src / "config.json").exists() else {}
+    hf = common.read_json(src / "config.json") if src.is_dir() else {}
     return common.SafetensorsSource(files), files, hf
 
 
@@ -540,26 +517,23 @@ def convert(src, dst, *, dtype: str = "fp32", hash_sources: bool = True, **overr
         **overrides: ``latents_mean`` / ``latents_std`` / ``scaling_factor`` (over config.json and the Mochi 1
             values), ``temporal_expansions`` / ``spatial_expansions`` for a decoder-only non-Mochi-1 file.
     """
-    if dtype not in common.DTYPES:
-        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {sorted(common.DTYPES)}")
-    np_dtype = np.dtype(common.DTYPES[dtype])
+    np_dtype = common.numpy_dtype(dtype)
     source, files, hf = open_source(src)
     fmt = detect_format(source)
     cfg = infer_config(source, **{**_config_overrides(hf), **overrides})
     _check_against_config(cfg, hf)
     params = convert_tensors(source, cfg, dtype=np_dtype)
-    manifest = common.make_manifest(
+    return common.write_converted(
+        dst,
+        params,
         model=MODEL,
         variant="mochi-1" if cfg.with_encoder else "mochi-1-decoder",
         source_format=fmt,
         config=cfg,
         dtype=np_dtype,
-        params=params,
         files=files,
         hash_sources=hash_sources,
     )
-    common.write_checkpoint(dst, params, manifest)
-    return manifest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -574,11 +548,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the conversion described by the parsed arguments; returns the exit status."""
-    m = convert(args.src, args.dst, dtype=args.dtype, hash_sources=not args.no_hash)
-    print(
-        f"wrote {args.dst}: Mochi VAE ({m['variant']}) from {m['source_format']} "
-        f"({m['num_params'] / 1e6:.1f} M params, {m['dtype']})"
-    )
+    m = common.convert_from_args(convert, args)
+    print(f"wrote {args.dst}: Mochi VAE ({m['variant']}) from {m['source_format']} ({common.size_text(m, 'M')})")
     return 0
 
 

@@ -12,33 +12,12 @@ Accepted sources: a ``.safetensors`` file, a directory of (possibly sharded) saf
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
-from pathlib import Path
-
-import numpy as np
 
 from convert_weights import common
 from convert_weights.common import ConversionError
 
 MODEL = "umt5"
-
-
-class _DictConfig:
-    """Gives a T5Config the ``to_dict`` that ``common.make_manifest`` expects."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self.cfg)
-
-
-def _source_dir(src: Path) -> Path:
-    if src.is_dir() and (src / "text_encoder").is_dir() and not list(src.glob("*.safetensors")):
-        return src / "text_encoder"
-    return src
 
 
 def convert(src, dst, *, dtype: str = "bf16", hash_sources: bool = True) -> dict:
@@ -55,41 +34,32 @@ def convert(src, dst, *, dtype: str = "bf16", hash_sources: bool = True) -> dict
       ConversionError: the checkpoint is not a UMT5 encoder (e.g. a T5 with one shared bias table), or any
         unknown key, missing parameter or shape mismatch (all listed).
     """
-    from flax import nnx
-
     from convert_weights.t5 import convert_t5, t5_config_from_weights
 
-    if dtype not in common.DTYPES:
-        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {sorted(common.DTYPES)}")
-    np_dtype = np.dtype(common.DTYPES[dtype])
-    src = _source_dir(Path(src))
+    np_dtype = common.numpy_dtype(dtype)
+    src = common.component_dir(src, "text_encoder")
     files = common.find_source_files(src)
     source = common.SafetensorsSource(files)
     weights = {k: source.get(k) for k in source.keys()}
     hf_path = src / "config.json" if src.is_dir() else src.parent / "config.json"
-    hf = json.loads(hf_path.read_text()) if hf_path.exists() else {}
+    hf = common.read_json(hf_path)
     cfg = t5_config_from_weights(
         weights, max_distance=hf.get("relative_attention_max_distance", 128), eps=hf.get("layer_norm_epsilon", 1e-6)
     )
     if not cfg.per_layer_position_bias and cfg.num_layers > 1:
         raise ConversionError(f"{src}: one relative attention bias table only; this is a T5, not a UMT5 encoder")
     module = convert_t5(weights, cfg, param_dtype=np_dtype)
-    params = {
-        ".".join(str(p) for p in path): np.asarray(var.get_value()).astype(np_dtype)
-        for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))
-    }
-    manifest = common.make_manifest(
+    return common.write_converted(
+        dst,
+        common.module_params(module, np_dtype),
         model=MODEL,
         variant="umt5",
         source_format="transformers",
-        config=_DictConfig(cfg),
+        config=common.DictConfig(cfg),
         dtype=np_dtype,
-        params=params,
         files=files,
         hash_sources=hash_sources,
     )
-    common.write_checkpoint(dst, params, manifest)
-    return manifest
 
 
 def load(path: str | os.PathLike, *, dtype=None):
@@ -102,19 +72,16 @@ def load(path: str | os.PathLike, *, dtype=None):
     Raises:
       ValueError: the directory holds another model or its arrays do not match the config.
     """
-    import jax.numpy as jnp
-    from flax import nnx
-
     from models.text_encoders.t5 import T5Config, T5Encoder
 
-    manifest = common.read_manifest(path)
-    if manifest.get("model") != MODEL:
-        raise ValueError(f"{path} holds a {manifest.get('model')!r} checkpoint, not {MODEL!r}")
+    manifest = common.expect_manifest(path, MODEL, repr(MODEL))
     cfg = T5Config(**manifest["config"])
-    arrays = common.read_checkpoint(path)
-    dt = jnp.dtype(dtype if dtype is not None else manifest["dtype"])
-    abstract = nnx.eval_shape(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0), dtype=dt, param_dtype=dt))
-    return common.fill_module(abstract, arrays, where=str(path))
+    return common.module_from_params(
+        lambda dt, rngs: T5Encoder(cfg, rngs=rngs, dtype=dt, param_dtype=dt),
+        common.read_checkpoint(path),
+        dtype=dtype if dtype is not None else manifest["dtype"],
+        where=str(path),
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,8 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the conversion described by the parsed arguments; returns the exit status."""
-    m = convert(args.src, args.dst, dtype=args.dtype, hash_sources=not args.no_hash)
-    print(f"wrote {args.dst}: UMT5 encoder ({m['num_params'] / 1e9:.3f} B params, {m['dtype']})")
+    m = common.convert_from_args(convert, args)
+    print(f"wrote {args.dst}: UMT5 encoder ({common.size_text(m, 'B')})")
     return 0
 
 

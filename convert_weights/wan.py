@@ -18,7 +18,6 @@ Library use (pure, numpy in and out)::
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -198,32 +197,9 @@ RULES = {DIFFUSERS: DIFFUSERS_RULES, ORIGINAL: ORIGINAL_RULES}
 NAMES = {DIFFUSERS: DIFFUSERS_NAMES, ORIGINAL: ORIGINAL_NAMES}
 
 
-class ArraySource:
-    """A flat ``name -> numpy array`` dict seen through the source interface of ``common.apply_rules``."""
-
-    def __init__(self, tensors: Mapping[str, np.ndarray]):
-        self._t = dict(tensors)
-
-    def keys(self) -> list[str]:
-        return sorted(self._t)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._t[key].shape)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._t
-
-    def get(self, key: str) -> np.ndarray:
-        return np.asarray(self._t[key])
-
-
-def _as_source(tensors) -> ArraySource | common.SafetensorsSource:
-    return tensors if isinstance(tensors, (ArraySource, common.SafetensorsSource)) else ArraySource(tensors)
-
-
 def detect_format(tensors) -> str:
     """'diffusers' or 'original', from the key names of a mapping or a source."""
-    keys = set(_as_source(tensors).keys())
+    keys = set(common.as_source(tensors).keys())
     if "condition_embedder.time_proj.weight" in keys:
         return DIFFUSERS
     if "time_projection.1.weight" in keys:
@@ -232,12 +208,6 @@ def detect_format(tensors) -> str:
         "not a Wan2.1 transformer checkpoint: neither condition_embedder.time_proj.weight (diffusers) nor "
         f"time_projection.1.weight (original release) is present; first keys: {sorted(keys)[:8]}"
     )
-
-
-def _shape(source, key: str) -> tuple[int, ...]:
-    if key not in source:
-        raise ConversionError(f"cannot infer the architecture: {key!r} is missing")
-    return tuple(source.shape(key))
 
 
 def infer_config(tensors, *, head_dim: int = 128, **overrides) -> WanConfig:
@@ -252,15 +222,15 @@ def infer_config(tensors, *, head_dim: int = 128, **overrides) -> WanConfig:
     Returns:
       The architecture config.
     """
-    source = _as_source(tensors)
+    source = common.as_source(tensors)
     n = NAMES[detect_format(source)]
-    dim, c_in, pt, ph, pw = _shape(source, f"{n['patch']}.weight")
+    dim, c_in, pt, ph, pw = common.require_shape(source, f"{n['patch']}.weight")
     if dim % head_dim:
         raise ConversionError(f"model width {dim} is not a multiple of {head_dim=}")
     layers = common.layer_indices(source.keys(), "blocks.{i}." + n["block_table"])
     if layers != list(range(len(layers))):
         raise ConversionError(f"block indices are not contiguous from 0: {layers}")
-    out_features = _shape(source, f"{n['proj_out']}.weight")[0]
+    out_features = common.require_shape(source, f"{n['proj_out']}.weight")[0]
     if out_features % (pt * ph * pw):
         raise ConversionError(f"proj_out has {out_features} outputs, not a multiple of the patch volume")
     img_key = f"{n['img_norm1']}.weight"
@@ -270,12 +240,12 @@ def infer_config(tensors, *, head_dim: int = 128, **overrides) -> WanConfig:
         out_channels=out_features // (pt * ph * pw),
         dim=dim,
         heads=dim // head_dim,
-        ffn_dim=_shape(source, "blocks.0." + n["ffn_1"] + ".weight")[0] if layers else 4 * dim,
+        ffn_dim=common.require_shape(source, "blocks.0." + n["ffn_1"] + ".weight")[0] if layers else 4 * dim,
         num_layers=len(layers),
-        text_dim=_shape(source, f"{n['text_1']}.weight")[1],
-        freq_dim=_shape(source, f"{n['time_1']}.weight")[1],
+        text_dim=common.require_shape(source, f"{n['text_1']}.weight")[1],
+        freq_dim=common.require_shape(source, f"{n['time_1']}.weight")[1],
         cross_attn_norm=not layers or f"blocks.0.{n['cross_norm']}.weight" in source,
-        image_dim=_shape(source, img_key)[0] if img_key in source else None,
+        image_dim=common.require_shape(source, img_key)[0] if img_key in source else None,
     )
     fields.update(overrides)
     return WanConfig(**fields)
@@ -283,16 +253,9 @@ def infer_config(tensors, *, head_dim: int = 128, **overrides) -> WanConfig:
 
 def target_shapes(cfg: WanConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
     """Flat parameter path -> (shape, layered) of ``WanTransformer3D(cfg)``, without allocating it."""
-    from flax import nnx
-
     from models.wan.transformer import WanTransformer3D
 
-    abstract = nnx.eval_shape(lambda: WanTransformer3D(cfg, rngs=nnx.Rngs(0)))
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        name = ".".join(str(p) for p in path)
-        out[name] = (tuple(var.get_value().shape), name.startswith("blocks."))
-    return out
+    return common.module_target_shapes(WanTransformer3D, cfg, layered=("blocks.",))
 
 
 def convert_tensors(
@@ -313,7 +276,7 @@ def convert_tensors(
     Raises:
       ConversionError: listing unknown source keys, unassigned targets (or layers) and shape mismatches.
     """
-    source = _as_source(tensors)
+    source = common.as_source(tensors)
     fmt = detect_format(source)
     cfg = cfg if cfg is not None else infer_config(source, head_dim=head_dim)
     return common.apply_rules(source, RULES[fmt], TRANSFORMS, target_shapes(cfg), cfg, np.dtype(dtype))
@@ -330,36 +293,18 @@ def to_model(cfg: WanConfig, params: Mapping[str, np.ndarray], *, dtype=None):
     Raises:
       ConversionError: missing, unexpected or mis-shaped parameters (all listed).
     """
-    import jax.numpy as jnp
-    from flax import nnx
-
     from models.wan.transformer import WanTransformer3D
 
-    abstract = nnx.eval_shape(lambda: WanTransformer3D(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    flat, seen, problems = [], set(), []
-    for path, var in nnx.to_flat_state(state):
-        name = ".".join(str(p) for p in path)
-        seen.add(name)
-        if name not in params:
-            problems.append(f"missing {name}")
-            continue
-        a = params[name]
-        if tuple(a.shape) != tuple(var.get_value().shape):
-            problems.append(f"{name}: given {tuple(a.shape)}, model {tuple(var.get_value().shape)}")
-            continue
-        flat.append((path, var.replace(jnp.asarray(a, dtype if dtype is not None else a.dtype))))
-    extra = sorted(set(params) - seen)
-    if extra:
-        problems.append(f"unexpected parameters {extra}")
-    if problems:
-        raise ConversionError("parameters do not match the model:\n  " + "\n  ".join(problems))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return common.module_from_params(
+        lambda dt, rngs: WanTransformer3D(cfg, rngs=rngs), params, dtype=dtype, where="converted parameters", cast=True
+    )
 
 
 def param_count(cfg: WanConfig) -> int:
     """Parameters of ``WanTransformer3D(cfg)`` (through ``nnx.eval_shape``; nothing is allocated)."""
-    return sum(math.prod(shape) for shape, _ in target_shapes(cfg).values())
+    from models.wan.transformer import WanTransformer3D
+
+    return common.module_param_count(WanTransformer3D, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -371,11 +316,7 @@ _COMFY_PREFIX = "model.diffusion_model."
 
 def open_source(src) -> common.SafetensorsSource:
     """A lazy source over a Wan checkpoint: a .safetensors file or a (diffusers, possibly sharded) directory."""
-    files = common.find_source_files(src)
-    source = common.SafetensorsSource(files)
-    if source.keys() and all(k.startswith(_COMFY_PREFIX) for k in source.keys()):
-        source = common.SafetensorsSource(files, strip_prefix=_COMFY_PREFIX)
-    return source
+    return common.open_safetensors(common.find_source_files(src), strip_common=(_COMFY_PREFIX,))
 
 
 def convert(src, dst, *, dtype: str = "bf16", head_dim: int = 128, hash_sources: bool = True) -> dict:
@@ -388,25 +329,22 @@ def convert(src, dst, *, dtype: str = "bf16", head_dim: int = 128, hash_sources:
       head_dim: attention head size (128 for every release).
       hash_sources: record the sha256 of each source file in the manifest.
     """
-    if dtype not in common.DTYPES:
-        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {sorted(common.DTYPES)}")
-    np_dtype = np.dtype(common.DTYPES[dtype])
+    np_dtype = common.numpy_dtype(dtype)
     source = open_source(src)
     fmt = detect_format(source)
     cfg = infer_config(source, head_dim=head_dim)
     params = convert_tensors(source, cfg, dtype=np_dtype)
-    manifest = common.make_manifest(
+    return common.write_converted(
+        dst,
+        params,
         model=MODEL,
         variant="i2v" if cfg.is_i2v else "t2v",
         source_format=fmt,
         config=cfg,
         dtype=np_dtype,
-        params=params,
         files=source.files,
         hash_sources=hash_sources,
     )
-    common.write_checkpoint(dst, params, manifest)
-    return manifest
 
 
 def load(path, *, dtype=None):
@@ -416,9 +354,7 @@ def load(path, *, dtype=None):
       path: a directory written by ``convert`` / ``python -m convert_weights wan``.
       dtype: cast the parameters to this dtype (default: as stored).
     """
-    manifest = common.read_manifest(path)
-    if manifest.get("model") != MODEL:
-        raise ConversionError(f"{path} holds a {manifest.get('model')!r} checkpoint, not a Wan transformer")
+    manifest = common.expect_manifest(path, MODEL, "a Wan transformer")
     cfg = WanConfig.from_dict(manifest["config"])
     return to_model(cfg, common.read_checkpoint(path), dtype=dtype)
 
@@ -431,11 +367,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    m = convert(args.src, args.dst, dtype=args.dtype, head_dim=args.head_dim, hash_sources=not args.no_hash)
-    print(
-        f"wrote {args.dst}: Wan2.1 {m['variant']} from {m['source_format']} "
-        f"({m['num_params'] / 1e9:.3f} B params, {m['dtype']})"
-    )
+    m = common.convert_from_args(convert, args, head_dim=args.head_dim)
+    print(f"wrote {args.dst}: Wan2.1 {m['variant']} from {m['source_format']} ({common.size_text(m, 'B')})")
     return 0
 
 

@@ -25,8 +25,6 @@ Library use::
 from __future__ import annotations
 
 import argparse
-import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -34,7 +32,6 @@ import numpy as np
 
 from convert_weights import common
 from convert_weights.common import ConversionError, Rule, rule
-from convert_weights.wan import ArraySource
 from models.vae.wan_vae import MODEL, WAN21_LATENTS_MEAN, WAN21_LATENTS_STD, WanVAEConfig
 
 DIFFUSERS = "diffusers"
@@ -43,12 +40,6 @@ FORMATS = (DIFFUSERS, ORIGINAL)
 
 # ---------------------------------------------------------------------------------------------------------
 # Named transforms: (source arrays, WanVAEConfig) -> target arrays. Torch convs are [out, in, (t,) h, w].
-
-
-def _conv3d(w: np.ndarray) -> np.ndarray:
-    if w.ndim != 5:
-        raise ValueError(f"conv3d expects a [O, I, t, h, w] weight, got {w.shape}")
-    return w.transpose(2, 3, 4, 1, 0)
 
 
 def _conv2d(w: np.ndarray) -> np.ndarray:
@@ -71,7 +62,7 @@ def _gamma(g: np.ndarray) -> np.ndarray:
 
 TRANSFORMS = {
     "identity": lambda xs, cfg: (xs[0],),
-    "conv3d": lambda xs, cfg: (_conv3d(xs[0]),),  # Conv3d -> [t, h, w, I, O]
+    "conv3d": lambda xs, cfg: (common.conv3d_kernel(xs[0]),),  # Conv3d -> [t, h, w, I, O]
     "conv2d": lambda xs, cfg: (_conv2d(xs[0]),),  # Conv2d -> [h, w, I, O]
     "pointwise": lambda xs, cfg: (_pointwise(xs[0]),),  # 1x1(x1) conv -> Linear kernel [I, O]
     "gamma": lambda xs, cfg: (_gamma(xs[0]),),  # RMS norm gamma [C, 1, 1(, 1)] -> [C]
@@ -217,13 +208,9 @@ def key_rules(cfg: WanVAEConfig, fmt: str) -> tuple[Rule, ...]:
 # Architecture from the shapes.
 
 
-def _as_source(tensors) -> ArraySource | common.SafetensorsSource:
-    return tensors if isinstance(tensors, (ArraySource, common.SafetensorsSource)) else ArraySource(tensors)
-
-
 def detect_format(tensors) -> str:
     """'diffusers' or 'original', from the key names of a mapping or a source."""
-    keys = set(_as_source(tensors).keys())
+    keys = set(common.as_source(tensors).keys())
     if "encoder.conv_in.weight" in keys and "quant_conv.weight" in keys:
         return DIFFUSERS
     if "encoder.conv1.weight" in keys and "conv1.weight" in keys:
@@ -235,9 +222,7 @@ def detect_format(tensors) -> str:
 
 
 def _shape(source, key: str) -> tuple[int, ...]:
-    if key not in source:
-        raise ConversionError(f"cannot infer the VAE architecture: {key!r} is missing")
-    return tuple(source.shape(key))
+    return common.require_shape(source, key, "the VAE architecture")
 
 
 def infer_config(tensors, **overrides) -> WanVAEConfig:
@@ -253,7 +238,7 @@ def infer_config(tensors, **overrides) -> WanVAEConfig:
     Raises:
       ConversionError: an unrecognised layout or a tensor needed for inference is missing.
     """
-    source = _as_source(tensors)
+    source = common.as_source(tensors)
     fmt = detect_format(source)
     n = _Names(fmt, 0)
     keys = source.keys()
@@ -299,20 +284,16 @@ def infer_config(tensors, **overrides) -> WanVAEConfig:
 
 def target_shapes(cfg: WanVAEConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
     """Flat parameter path -> (shape, layered=False) of ``WanVAE(cfg)``, without allocating it."""
-    from flax import nnx
-
     from models.vae.wan_vae import WanVAE
 
-    abstract = nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0)))
-    return {
-        ".".join(str(p) for p in path): (tuple(var.get_value().shape), False)
-        for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
-    }
+    return common.module_target_shapes(WanVAE, cfg)
 
 
 def param_count(cfg: WanVAEConfig) -> int:
     """Parameters of ``WanVAE(cfg)`` (through ``nnx.eval_shape``; nothing is allocated)."""
-    return sum(math.prod(shape) for shape, _ in target_shapes(cfg).values())
+    from models.vae.wan_vae import WanVAE
+
+    return common.module_param_count(WanVAE, cfg)
 
 
 def convert_tensors(tensors, cfg: WanVAEConfig | None = None, *, dtype=np.float32) -> dict[str, np.ndarray]:
@@ -329,7 +310,7 @@ def convert_tensors(tensors, cfg: WanVAEConfig | None = None, *, dtype=np.float3
     Raises:
       ConversionError: listing unknown source keys, unassigned targets and shape mismatches.
     """
-    source = _as_source(tensors)
+    source = common.as_source(tensors)
     fmt = detect_format(source)
     cfg = cfg if cfg is not None else infer_config(source)
     return common.apply_rules(source, key_rules(cfg, fmt), TRANSFORMS, target_shapes(cfg), cfg, np.dtype(dtype))
@@ -346,29 +327,27 @@ def to_model(cfg: WanVAEConfig, params: Mapping[str, np.ndarray], *, dtype=None)
     Raises:
       ValueError: missing, unexpected or mis-shaped parameters (all listed).
     """
-    import jax.numpy as jnp
-    from flax import nnx
-
     from models.vae.wan_vae import WanVAE
 
-    dt = jnp.dtype(dtype if dtype is not None else next(iter(params.values())).dtype)
-    abstract = nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0), dtype=dt, param_dtype=dt))
-    return common.fill_module(abstract, params, where="converted Wan VAE")
+    return common.module_from_params(
+        lambda dt, rngs: WanVAE(cfg, rngs=rngs, dtype=dt, param_dtype=dt),
+        params,
+        dtype=dtype,
+        where="converted Wan VAE",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Files.
 
 
-def open_source(src) -> tuple[ArraySource | common.SafetensorsSource, list[Path], dict]:
+def open_source(src) -> tuple[common.ArraySource | common.SafetensorsSource, list[Path], dict]:
     """(source, files, diffusers config.json contents or {}) of a VAE checkpoint.
 
     ``src`` is a ``.safetensors`` file, a ``.pth`` state dict (the original release; needs torch), a diffusers
     ``vae`` directory, or a diffusers pipeline directory holding ``vae/``.
     """
-    src = Path(src)
-    if src.is_dir() and (src / "vae").is_dir() and not list(src.glob("*.safetensors")):
-        src = src / "vae"
+    src = common.component_dir(src, "vae")
     if src.is_file() and src.suffix in (".pth", ".pt"):
         try:
             import torch
@@ -378,9 +357,9 @@ def open_source(src) -> tuple[ArraySource | common.SafetensorsSource, list[Path]
         if not isinstance(state, Mapping):
             raise ConversionError(f"{src}: expected a state dict, got {type(state).__name__}")
         tensors = {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
-        return ArraySource(tensors), [src], {}
+        return common.ArraySource(tensors), [src], {}
     files = common.find_source_files(src)
-    hf = json.loads((src / "config.json").read_text()) if src.is_dir() and (src / "config.json").exists() else {}
+    hf = common.read_json(src / "config.json") if src.is_dir() else {}
     return common.SafetensorsSource(files), files, hf
 
 
@@ -405,25 +384,22 @@ def convert(src, dst, *, dtype: str = "fp32", hash_sources: bool = True, **overr
       hash_sources: record the sha256 of each source file in the manifest.
       **overrides: ``latents_mean`` / ``latents_std``, taking precedence over config.json and the Wan2.1 values.
     """
-    if dtype not in common.DTYPES:
-        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {sorted(common.DTYPES)}")
-    np_dtype = np.dtype(common.DTYPES[dtype])
+    np_dtype = common.numpy_dtype(dtype)
     source, files, hf = open_source(src)
     fmt = detect_format(source)
     cfg = infer_config(source, **{**_config_overrides(hf), **overrides})
     params = convert_tensors(source, cfg, dtype=np_dtype)
-    manifest = common.make_manifest(
+    return common.write_converted(
+        dst,
+        params,
         model=MODEL,
         variant="wan2.1",
         source_format=fmt,
         config=cfg,
         dtype=np_dtype,
-        params=params,
         files=files,
         hash_sources=hash_sources,
     )
-    common.write_checkpoint(dst, params, manifest)
-    return manifest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -435,10 +411,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the conversion described by the parsed arguments; returns the exit status."""
-    m = convert(args.src, args.dst, dtype=args.dtype, hash_sources=not args.no_hash)
-    print(
-        f"wrote {args.dst}: Wan2.1 VAE from {m['source_format']} ({m['num_params'] / 1e6:.1f} M params, {m['dtype']})"
-    )
+    m = common.convert_from_args(convert, args)
+    print(f"wrote {args.dst}: Wan2.1 VAE from {m['source_format']} ({common.size_text(m, 'M')})")
     return 0
 
 
