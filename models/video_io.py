@@ -1,4 +1,5 @@
-"""Command-line helpers shared by the video generators (``models.{wan,mochi,hunyuan_video}.generate``).
+"""Command-line helpers shared by the video generators (``models.{wan,mochi,hunyuan_video}.generate``); the
+compute options, the usage-error handling and ``attention_impl`` serve ``models.flux.sample`` too.
 
 Everything here is host-side and model-agnostic: usage errors raised before any compute, the ``--size`` parser,
 the Chipmunk config of ``--dense`` / ``--chipmunk-config``, the checks of a converted VAE directory, random
@@ -9,8 +10,10 @@ Each generator keeps what is its own (prompt encoders, embeddings files, model c
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +22,36 @@ import numpy as np
 
 class UsageError(ValueError):
     """A problem with the command line found before any compute (the CLIs print it and exit with status 2)."""
+
+
+def exits_on_usage_error(main: Callable[..., int]) -> Callable[..., int]:
+    """Decorates a CLI's ``main``: a UsageError raised anywhere in it is printed as ``error: ...`` on stderr and
+    ``main`` returns 2 (the status of a command-line mistake) instead of a traceback."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except UsageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return wrapped
+
+
+def output_dir(path: str | os.PathLike) -> Path:
+    """``--out-dir`` as a Path, created with its parents."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def attention_impl(requested: str, dtype) -> str:
+    """The dense attention implementation of ``--attention-impl``: 'auto' resolves to cudnn for bf16/fp16 on a
+    GPU, else xla (``models.flux.sampling.default_attention_impl``); other values are kept."""
+    from models.flux.sampling import default_attention_impl
+
+    return default_attention_impl(dtype) if requested == "auto" else requested
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -38,6 +71,11 @@ def add_model_arguments(p: argparse.ArgumentParser, model: str) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--chipmunk-config", help=f"reference chipmunk-config.yml (on top of the {model} preset)")
     mode.add_argument("--dense", action="store_true", help=f"plain dense {model} (no Chipmunk, no step caching)")
+    add_compute_arguments(p)
+
+
+def add_compute_arguments(p: argparse.ArgumentParser) -> None:
+    """--backend, --dtype and --attention-impl, the compute options of every sampling CLI (videos and Flux)."""
     p.add_argument("--backend", default="auto", help="Chipmunk operator backend: auto, xla, reference, mosaic_gpu")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's; bf16 for random)")
     p.add_argument(
@@ -227,6 +265,27 @@ def random_module(make: Callable, seed: int, *, host: bool):
     return numpy_random(make, seed) if host else nnx.jit(make)()
 
 
+def vae_from_args(args, load: Callable, make_random: Callable, channels_key: str, channels: int):
+    """The VAE of a video CLI: ``load(args.vae)`` for --vae DIR, else ``make_random()`` with numpy-drawn weights
+    (``args.seed``) for --random-vae.
+
+    Args:
+      args: parsed arguments with ``vae`` and ``seed``.
+      load: the VAE module's ``load(path)``.
+      make_random: builds the random VAE (tiny with --tiny, chosen by the caller).
+      channels_key: the VAE config field holding the latent channels ('z_dim', 'latent_channels').
+      channels: the transformer's latent (output) channels.
+
+    Raises:
+      UsageError: the VAE's latent channels differ from the transformer's.
+    """
+    vae = load(args.vae) if args.vae else numpy_random(make_random, args.seed)
+    z = getattr(vae.config, channels_key)
+    if z != channels:
+        raise UsageError(f"the VAE has {z} latent channels, the transformer {channels}")
+    return vae
+
+
 def to_uint8_frames(video) -> np.ndarray:
     """Decoded video [B, 3, T, H, W] in [-1, 1] -> uint8 [B, T, H, W, 3]."""
     v = np.asarray(video, np.float32)
@@ -284,6 +343,34 @@ def write_videos(videos: np.ndarray, out_dir: str | os.PathLike, *, fps: int, pn
         print(f"wrote {path} ({video.shape[0]} frames {video.shape[2]}x{video.shape[1]})")
         paths.append(path)
     return paths
+
+
+def write_decoded(video, out_dir: str | os.PathLike, args) -> list[Path]:
+    """Writes a decoded video batch [B, 3, T, H, W] in [-1, 1] as ``write_videos`` does, with ``args.fps`` and
+    ``args.png``."""
+    return write_videos(to_uint8_frames(video), out_dir, fps=args.fps, png=args.png)
+
+
+def report_json(args, gen, chipmunk, width: int, height: int, /, **extra) -> dict:
+    """The common entries of a video CLI's report.json: the mode, the run's size and sampling settings
+    (``args.frames``, ``steps``, ``guidance``, ``seed``), then ``extra`` (the model's own entries), then the
+    sampler Report of ``gen`` (step times, compile times, statistics, cache bytes) and the latents' shape."""
+    r = gen.report
+    return {
+        "mode": "dense" if chipmunk is None else "chipmunk",
+        "frames": args.frames,
+        "width": width,
+        "height": height,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "seed": args.seed,
+        **extra,
+        "step_times_s": r.step_times,
+        "compile_s": r.compile_s,
+        "stats": r.stats,
+        "cache_bytes": r.cache_bytes,
+        "latents_shape": list(gen.latents.shape),
+    }
 
 
 def save_outputs(out_dir: str | os.PathLike, latents, text: str, report: dict | None = None) -> None:

@@ -25,11 +25,9 @@ import sys
 
 import numpy as np
 
+from models.video_io import UsageError, add_compute_arguments, attention_impl, exits_on_usage_error
+
 EMB_T5, EMB_POOLED = "t5", "clip_pooled"
-
-
-class UsageError(ValueError):
-    """A problem with the command line found before any compute."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,14 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--chipmunk-config", help="reference chipmunk-config.yml (on top of the Flux preset)")
     mode.add_argument("--dense", action="store_true", help="plain dense Flux (no Chipmunk)")
-    p.add_argument("--backend", default="auto", help="Chipmunk operator backend: auto, xla, reference, mosaic_gpu")
-    p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's; bf16 for random)")
-    p.add_argument(
-        "--attention-impl",
-        default="auto",
-        choices=("auto", "xla", "cudnn"),
-        help="dense attention (jax.nn.dot_product_attention); auto: cudnn for bf16/fp16 on a GPU, else xla",
-    )
+    add_compute_arguments(p)
     p.add_argument("--out", default="latents.npy", help="output .npy of the final latents [B, 16, H/8, W/8]")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -165,21 +156,18 @@ def random_model(cfg, dtype, seed: int = 0):
     return make()
 
 
+@exits_on_usage_error
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
+    """Entry point; returns the exit status (2 for a command-line mistake, printed as ``error: ...``)."""
     args = build_parser().parse_args(argv)
-    try:
-        cfg, dtype, chipmunk, t5, pooled = prepare(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg, dtype, chipmunk, t5, pooled = prepare(args)
     import jax.numpy as jnp
 
     from models.flux.load import load
-    from models.flux.sampling import default_attention_impl, generate
+    from models.flux.sampling import generate
 
     model = load(args.ckpt, dtype=dtype) if args.ckpt else random_model(cfg, dtype, args.seed)
-    impl = default_attention_impl(model.dtype) if args.attention_impl == "auto" else args.attention_impl
+    impl = attention_impl(args.attention_impl, model.dtype)
     steps = args.steps or (50 if cfg.guidance_embed else 4)
     gen = generate(
         model,

@@ -51,17 +51,20 @@ from models.video_io import (
     UsageError,
     add_model_arguments,
     add_output_arguments,
+    attention_impl,
     check_grid,
     check_prompt_args,
     check_vae_dir,
     check_video_args,
     chipmunk_from_args,
-    numpy_random,
+    exits_on_usage_error,
     optional_module,
+    output_dir,
     random_module,
+    report_json,
     save_outputs,
-    to_uint8_frames,
-    write_videos,
+    vae_from_args,
+    write_decoded,
 )
 
 EMB_TEXT, EMB_MASK, EMB_POOLED = "prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds"
@@ -341,15 +344,9 @@ def _decode(args, cfg, latents):
     from flax import nnx
 
     hv = _vae_module()
-    if args.vae:
-        vae = hv.load(args.vae)
-    else:
-        vcfg = hv.tiny_config() if args.tiny else hv.HunyuanVAEConfig()
-        vae = numpy_random(lambda: hv.HunyuanVAE(vcfg, rngs=nnx.Rngs(args.seed)), args.seed)
-    if vae.config.latent_channels != cfg.out_channels:
-        raise UsageError(
-            f"the VAE has {vae.config.latent_channels} latent channels, the transformer {cfg.out_channels}"
-        )
+    vcfg = hv.tiny_config() if args.tiny else hv.HunyuanVAEConfig()
+    make = lambda: hv.HunyuanVAE(vcfg, rngs=nnx.Rngs(args.seed))  # noqa: E731
+    vae = vae_from_args(args, hv.load, make, "latent_channels", cfg.out_channels)
     tiling = hv.SPATIAL_TILING if args.vae_tiling else hv.DEFAULT_TILING
     dt = jax.tree.leaves(nnx.state(vae, nnx.Param))[0].dtype
     return hv.decode(vae, jnp.asarray(latents, dt), tiling=tiling)
@@ -367,52 +364,37 @@ def _jsonable(x):
 
 
 def _report_json(args, chipmunk, width, height, gen) -> dict:
-    r = gen.report
     return {
         "model": "hunyuan_video",
         "weights": "tiny random" if args.tiny else (args.checkpoint or "random"),
-        "mode": "dense" if chipmunk is None else "chipmunk",
-        "chipmunk": None if chipmunk is None else _jsonable(dataclasses.asdict(chipmunk)),
-        "frames": args.frames,
-        "width": width,
-        "height": height,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "flow_shift": args.flow_shift,
-        "true_cfg": args.true_cfg,
-        "seed": args.seed,
-        "latents_shape": list(gen.latents.shape),
-        "step_times_s": r.step_times,
-        "denoising_total_s": r.total_s,
-        "compile_s": r.compile_s,
-        "stats": r.stats,
-        "cache_bytes": r.cache_bytes,
+        **report_json(
+            args,
+            gen,
+            chipmunk,
+            width,
+            height,
+            chipmunk=None if chipmunk is None else _jsonable(dataclasses.asdict(chipmunk)),
+            flow_shift=args.flow_shift,
+            true_cfg=args.true_cfg,
+            denoising_total_s=gen.report.total_s,
+        ),
     }
 
 
+@exits_on_usage_error
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
+    """Entry point; returns the exit status (2 for a command-line mistake, printed as ``error: ...``)."""
     args = build_parser().parse_args(argv)
-    try:
-        cfg, dtype, chipmunk, (width, height), emb = prepare(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from models.flux.sampling import default_attention_impl
+    cfg, dtype, chipmunk, (width, height), emb = prepare(args)
     from models.hunyuan_video.sampling import generate
 
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out_dir)
     if emb is None:
         emb = _prompt_embeddings(args, args.batch or 1)
-        try:
-            _check_triple("", emb[0], cfg)  # the encoders' widths against the transformer's inputs
-            if emb[1] is not None:
-                _check_triple("negative_", emb[1], cfg)
-            _check_valid_lengths(chipmunk, emb)
-        except UsageError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        _check_triple("", emb[0], cfg)  # the encoders' widths against the transformer's inputs
+        if emb[1] is not None:
+            _check_triple("negative_", emb[1], cfg)
+        _check_valid_lengths(chipmunk, emb)
     prompt, negative = emb
     if args.checkpoint:
         from models.hunyuan_video.load import load_transformer
@@ -420,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_transformer(args.checkpoint, dtype=dtype)
     else:
         model = random_model(cfg, dtype, args.seed)
-    impl = default_attention_impl(model.dtype) if args.attention_impl == "auto" else args.attention_impl
+    impl = attention_impl(args.attention_impl, model.dtype)
     gen = generate(
         model,
         *prompt,
@@ -448,12 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_decode or not (args.vae or args.random_vae):
         print("latents only (--no-decode, or no --vae DIR / --random-vae given)")
         return 0
-    try:
-        frames = to_uint8_frames(_decode(args, cfg, gen.latents))
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    write_videos(frames, out, fps=args.fps, png=args.png)
+    write_decoded(_decode(args, cfg, gen.latents), out, args)
     return 0
 
 

@@ -47,17 +47,20 @@ from models.video_io import (
     UsageError,
     add_model_arguments,
     add_output_arguments,
+    attention_impl,
     check_grid,
     check_prompt_args,
     check_vae_dir,
     check_video_args,
     chipmunk_from_args,
-    numpy_random,
+    exits_on_usage_error,
     optional_module,
+    output_dir,
     random_module,
+    report_json,
     save_outputs,
-    to_uint8_frames,
-    write_videos,
+    vae_from_args,
+    write_decoded,
 )
 
 EMB_COND, MASK_COND = "prompt_embeds", "prompt_attention_mask"
@@ -284,59 +287,42 @@ def _prompt_embeddings(args, batch: int):
 
 
 def _decode(args, cfg, latents):
+    import dataclasses
+
+    from flax import nnx
+
     mochi_vae = _vae_module()
-    if args.vae:
-        vae = mochi_vae.load(args.vae)
-    else:
-        import dataclasses
-
-        from flax import nnx
-
-        vcfg = mochi_vae.MochiVAEConfig.tiny_config() if args.tiny else mochi_vae.MOCHI_VAE
-        vcfg = dataclasses.replace(vcfg, with_encoder=False)
-        vae = numpy_random(lambda: mochi_vae.MochiVAE(vcfg, rngs=nnx.Rngs(args.seed)), args.seed)
-    if vae.config.latent_channels != cfg.out_channels:
-        raise UsageError(
-            f"the VAE has {vae.config.latent_channels} latent channels, the transformer {cfg.out_channels}"
-        )
+    vcfg = mochi_vae.MochiVAEConfig.tiny_config() if args.tiny else mochi_vae.MOCHI_VAE
+    vcfg = dataclasses.replace(vcfg, with_encoder=False)
+    make = lambda: mochi_vae.MochiVAE(vcfg, rngs=nnx.Rngs(args.seed))  # noqa: E731
+    vae = vae_from_args(args, mochi_vae.load, make, "latent_channels", cfg.out_channels)
     tiling = mochi_vae.MochiTiling() if args.vae_tiling else None
     return mochi_vae.decode(vae, latents, unnormalize=True, clip=True, tiling=tiling)
 
 
 def _report_json(args, gen, chipmunk, width: int, height: int) -> dict:
-    r = gen.report
     return {
         "model": "tiny random" if args.tiny else (args.checkpoint or "mochi-1-preview random"),
-        "mode": "dense" if chipmunk is None else "chipmunk",
-        "frames": args.frames,
-        "width": width,
-        "height": height,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "seed": args.seed,
-        "text_groups": [{"rows": list(g.rows), "text_len": g.text_len} for g in gen.groups],
-        "step_times_s": r.step_times,
-        "compile_s": r.compile_s,
-        "denoising_s": r.total_s,
-        "stats": r.stats,
-        "cache_bytes": r.cache_bytes,
-        "latents_shape": list(gen.latents.shape),
+        **report_json(
+            args,
+            gen,
+            chipmunk,
+            width,
+            height,
+            text_groups=[{"rows": list(g.rows), "text_len": g.text_len} for g in gen.groups],
+            denoising_s=gen.report.total_s,
+        ),
     }
 
 
+@exits_on_usage_error
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
+    """Entry point; returns the exit status (2 for a command-line mistake, printed as ``error: ...``)."""
     args = build_parser().parse_args(argv)
-    try:
-        cfg, dtype, chipmunk, (width, height), emb = prepare(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from models.flux.sampling import default_attention_impl
+    cfg, dtype, chipmunk, (width, height), emb = prepare(args)
     from models.mochi.sampling import generate
 
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out_dir)
     if emb is None:
         emb = _prompt_embeddings(args, args.batch or 1)
     cond, mask, uncond, umask = emb
@@ -346,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_transformer(args.checkpoint, dtype=dtype)
     else:
         model = random_model(cfg, dtype, args.seed)
-    impl = default_attention_impl(model.dtype) if args.attention_impl == "auto" else args.attention_impl
+    impl = attention_impl(args.attention_impl, model.dtype)
     gen = generate(
         model,
         cond,
@@ -375,12 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     if not _wants_decode(args):
         print("no VAE given (--vae DIR or --random-vae) or --no-decode: latents only")
         return 0
-    try:
-        frames = to_uint8_frames(_decode(args, cfg, gen.latents))
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    write_videos(frames, out, fps=args.fps, png=args.png)
+    write_decoded(_decode(args, cfg, gen.latents), out, args)
     return 0
 
 

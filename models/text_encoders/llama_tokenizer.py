@@ -18,15 +18,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import tokenizers
 
-from models.text_encoders.tokenizers import TokenizedBatch
+from models.text_encoders.tokenizers import BaseTokenizer, TokenizedBatch
 
 SIDES = ("right", "left")
 
 
-class LlamaTokenizer:
+class LlamaTokenizer(BaseTokenizer):
     """A ``tokenizers.Tokenizer`` producing fixed-length ids and masks; the length is chosen per call."""
 
     def __init__(
@@ -51,19 +50,9 @@ class LlamaTokenizer:
         for name, side in (("padding_side", padding_side), ("truncation_side", truncation_side)):
             if side not in SIDES:
                 raise ValueError(f"{name} must be one of {SIDES}, got {side!r}")
-        pad_id = tokenizer.token_to_id(pad_token)
-        if pad_id is None:
-            raise ValueError(f"pad token {pad_token!r} is not in the tokenizer vocabulary")
-        self._tok = tokenizer
-        self.pad_token = pad_token
-        self.pad_id = pad_id
+        super().__init__(tokenizer, pad_token)
         self.padding_side = padding_side
         self.truncation_side = truncation_side
-
-    @property
-    def vocab_size(self) -> int:
-        """Vocabulary size including added tokens."""
-        return self._tok.get_vocab_size(with_added_tokens=True)
 
     def num_tokens(self, text: str) -> int:
         """Tokens of ``text`` with the special tokens the post-processor adds, without padding or truncation.
@@ -90,29 +79,14 @@ class LlamaTokenizer:
         """
         if max_length <= 0:
             raise ValueError(f"max_length must be positive, got {max_length}")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("prompts must contain at least one string, got an empty sequence")
-        bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
-        if bad:
-            raise TypeError(f"prompts must be strings, got elements of type {sorted(set(bad))}")
+        prompts = self._prompt_list(prompts)
         self._tok.enable_truncation(
             max_length=max_length, stride=0, strategy="longest_first", direction=self.truncation_side
         )
         self._tok.enable_padding(
             length=max_length, direction=self.padding_side, pad_id=self.pad_id, pad_type_id=0, pad_token=self.pad_token
         )
-        encodings = self._tok.encode_batch(prompts)
-        return TokenizedBatch(
-            input_ids=np.asarray([e.ids for e in encodings], np.int32),
-            attention_mask=np.asarray([e.attention_mask for e in encodings], np.int32),
-        )
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of ``ids`` with special and padding tokens dropped."""
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        return self._encode(prompts)
 
 
 def _token_setting(directory: Path, name: str) -> str | None:

@@ -45,7 +45,51 @@ class TokenizedBatch:
     attention_mask: np.ndarray
 
 
-class TextTokenizer:
+class BaseTokenizer:
+    """What the fixed-length tokenizers (``TextTokenizer`` here, ``llama_tokenizer.LlamaTokenizer``) share: the pad
+    token check, prompt validation, batch encoding into int32 arrays, vocabulary size and decoding."""
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, pad_token: str):
+        """Wraps ``tokenizer``; raises ValueError when ``pad_token`` is missing from its vocabulary."""
+        pad_id = tokenizer.token_to_id(pad_token)
+        if pad_id is None:
+            raise ValueError(f"pad token {pad_token!r} is not in the tokenizer vocabulary")
+        self._tok = tokenizer
+        self.pad_token = pad_token
+        self.pad_id = pad_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary size including added tokens."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @staticmethod
+    def _prompt_list(prompts: str | Sequence[str]) -> list[str]:
+        """One prompt or a sequence of them as a non-empty list of strings (ValueError / TypeError otherwise)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts must contain at least one string, got an empty sequence")
+        bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise TypeError(f"prompts must be strings, got elements of type {sorted(set(bad))}")
+        return prompts
+
+    def _encode(self, prompts: list[str]) -> TokenizedBatch:
+        """The ids and masks of ``prompts`` with the tokenizer's current truncation and padding settings."""
+        encodings = self._tok.encode_batch(prompts)
+        return TokenizedBatch(
+            input_ids=np.asarray([e.ids for e in encodings], np.int32),
+            attention_mask=np.asarray([e.attention_mask for e in encodings], np.int32),
+        )
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` with special and padding tokens dropped."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+class TextTokenizer(BaseTokenizer):
     """A ``tokenizers.Tokenizer`` with fixed-length truncation and padding."""
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, max_length: int, pad_token: str):
@@ -61,20 +105,10 @@ class TextTokenizer:
         """
         if max_length <= 0:
             raise ValueError(f"max_length must be positive, got {max_length}")
-        pad_id = tokenizer.token_to_id(pad_token)
-        if pad_id is None:
-            raise ValueError(f"pad token {pad_token!r} is not in the tokenizer vocabulary")
-        self._tok = tokenizer
+        super().__init__(tokenizer, pad_token)
         self.max_length = max_length
-        self.pad_token = pad_token
-        self.pad_id = pad_id
         tokenizer.enable_truncation(max_length=max_length)
-        tokenizer.enable_padding(length=max_length, pad_id=pad_id, pad_token=pad_token)
-
-    @property
-    def vocab_size(self) -> int:
-        """Vocabulary size including added tokens."""
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        tokenizer.enable_padding(length=max_length, pad_id=self.pad_id, pad_token=pad_token)
 
     def __call__(self, prompts: str | Sequence[str]) -> TokenizedBatch:
         """Tokenizes prompts to ``[B, max_length]``.
@@ -88,23 +122,7 @@ class TextTokenizer:
         Raises:
             ValueError: For an empty sequence; TypeError for a non-string element.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("prompts must contain at least one string, got an empty sequence")
-        bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
-        if bad:
-            raise TypeError(f"prompts must be strings, got elements of type {sorted(set(bad))}")
-        encodings = self._tok.encode_batch(prompts)
-        return TokenizedBatch(
-            input_ids=np.asarray([e.ids for e in encodings], np.int32),
-            attention_mask=np.asarray([e.attention_mask for e in encodings], np.int32),
-        )
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of ``ids`` with special and padding tokens dropped."""
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        return self._encode(self._prompt_list(prompts))
 
 
 def _special_token(directory: str, name: str, default: str) -> str:

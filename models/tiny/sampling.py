@@ -52,6 +52,27 @@ def tokens_to_images(tokens: jax.Array, image_size: int = IMAGE_SIZE) -> np.ndar
     return np.asarray(latent_to_image(unpack_latents(tokens, h, w)))
 
 
+def _generate(model: Flux, labels, *, steps, seed, chipmunk, backend, image_size, progress, trajectory=False):
+    """``models.flux.sampling.generate`` on the tiny model's class conditioning, one image per label."""
+    txt, y = conditioning(np.asarray(labels))
+    h, w = token_grid(image_size)
+    return generate(
+        model,
+        txt,
+        y,
+        # generate counts 16 pixels per token (VAE 8x, packing 2x); the tiny model's tokens are 4 pixels.
+        width=w * PIXELS_PER_TOKEN,
+        height=h * PIXELS_PER_TOKEN,
+        steps=steps,
+        seed=seed,
+        guidance=None,
+        chipmunk=chipmunk,
+        backend=backend,
+        progress=progress,
+        trajectory=trajectory,
+    )
+
+
 def generate_images(
     model: Flux,
     labels,
@@ -68,22 +89,8 @@ def generate_images(
     Returns:
       (images float32 [B, S, S, 3] in [0, 1], the Generation with its Report).
     """
-    txt, y = conditioning(np.asarray(labels))
-    h, w = token_grid(image_size)
-    gen = generate(
-        model,
-        txt,
-        y,
-        # generate counts 16 pixels per token (VAE 8x, packing 2x); the tiny model's tokens are 4 pixels.
-        width=w * PIXELS_PER_TOKEN,
-        height=h * PIXELS_PER_TOKEN,
-        steps=steps,
-        seed=seed,
-        guidance=None,
-        chipmunk=chipmunk,
-        backend=backend,
-        progress=progress,
-    )
+    kw = dict(steps=steps, seed=seed, chipmunk=chipmunk, backend=backend, image_size=image_size, progress=progress)
+    gen = _generate(model, labels, **kw)
     return np.asarray(latent_to_image(gen.latents)), gen
 
 
@@ -117,19 +124,14 @@ def sample_trajectory(
     Returns:
       A Trajectory whose final latents equal ``generate``'s.
     """
-    txt, y = conditioning(np.asarray(labels))
-    h, w = token_grid(image_size)
-    gen = generate(
+    gen = _generate(
         model,
-        txt,
-        y,
-        width=w * PIXELS_PER_TOKEN,
-        height=h * PIXELS_PER_TOKEN,
+        labels,
         steps=steps,
         seed=seed,
-        guidance=None,
         chipmunk=chipmunk,
         backend=backend,
+        image_size=image_size,
         progress=False,
         trajectory=True,
     )

@@ -37,6 +37,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.vae import common
+from models.vae.common import blend, load_converted, tiled_2d
+
 SCALING_FACTOR = 0.476986
 """HunyuanVideo's latent scale: the transformer works on ``raw_latents * SCALING_FACTOR``."""
 
@@ -47,24 +50,16 @@ MODEL = "hunyuan_vae"
 def latent_frames(frames: int, temporal_ratio: int = 4) -> int:
     """Latent frames for ``frames`` video frames, which must be ``temporal_ratio * k + 1`` (the first frame is
     kept alone): 1 -> 1, 5 -> 2, 129 -> 33."""
-    if not isinstance(frames, int) or frames < 1 or (frames - 1) % temporal_ratio:
-        n = max(0, (int(frames) - 1) // temporal_ratio) if isinstance(frames, int) else 0
-        raise ValueError(
-            f"frames must be {temporal_ratio}k + 1 (1, {temporal_ratio + 1}, {2 * temporal_ratio + 1}, ...), got "
-            f"{frames!r}; use {n * temporal_ratio + 1} or {(n + 1) * temporal_ratio + 1}"
-        )
-    return (frames - 1) // temporal_ratio + 1
+    return common.latent_frames(frames, temporal_ratio)
 
 
 def frames_for_latents(latent_frames: int, temporal_ratio: int = 4) -> int:
     """Video frames decoded from ``latent_frames`` latent frames: ``temporal_ratio * (F - 1) + 1``."""
-    if not isinstance(latent_frames, int) or latent_frames < 1:
-        raise ValueError(f"latent frames must be a positive int, got {latent_frames!r}")
-    return temporal_ratio * (latent_frames - 1) + 1
+    return common.frames_for_latents(latent_frames, temporal_ratio)
 
 
 @dataclasses.dataclass(frozen=True)
-class HunyuanVAEConfig:
+class HunyuanVAEConfig(common.DictConfig):
     """Architecture of a HunyuanVideo VAE (diffusers ``AutoencoderKLHunyuanVideo`` fields; defaults = release).
 
     Attributes:
@@ -131,15 +126,6 @@ class HunyuanVAEConfig:
             time = n - 1 - n_time <= i < n - 1
             out.append((2 if time else 1, 2 if space else 1) if (space or time) else None)
         return tuple(out)
-
-    def to_dict(self) -> dict:
-        """JSON-ready fields (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> HunyuanVAEConfig:
-        """Inverse of ``to_dict``; unknown keys are an error."""
-        return cls(**d)
 
 
 HUNYUAN_VAE = HunyuanVAEConfig()
@@ -482,21 +468,6 @@ def _decode_tile(graphdef, state, z: jax.Array) -> jax.Array:
     return nnx.merge(graphdef, state).decode_raw(z)
 
 
-def _blend(a: jax.Array, b: jax.Array, extent: int, axis: int) -> jax.Array:
-    """``b`` with its first ``extent`` slices along ``axis`` faded in from the last ``extent`` of ``a``:
-    ``a[-e + y] * (1 - y / e) + b[y] * (y / e)`` (diffusers ``blend_t`` / ``blend_v`` / ``blend_h``)."""
-    extent = min(a.shape[axis], b.shape[axis], extent)
-    if extent <= 0:
-        return b
-    shape = [1] * b.ndim
-    shape[axis] = extent
-    ramp = (jnp.arange(extent, dtype=jnp.float32) / extent).reshape(shape).astype(b.dtype)
-    tail = jax.lax.slice_in_dim(a, a.shape[axis] - extent, a.shape[axis], axis=axis)
-    head = jax.lax.slice_in_dim(b, 0, extent, axis=axis)
-    rest = jax.lax.slice_in_dim(b, extent, b.shape[axis], axis=axis)
-    return jnp.concatenate([tail * (1 - ramp) + head * ramp, rest], axis=axis)
-
-
 def _spatial_tiles(run, x: jax.Array, in_tile: tuple[int, int], in_stride: tuple[int, int], out_scale: float):
     """Runs ``run`` on overlapping H/W tiles of ``x`` and blends them (diffusers' ``tiled_encode`` /
     ``tiled_decode``): tile (i, j) is first blended with the finished tile above, then with the finished tile to
@@ -504,20 +475,9 @@ def _spatial_tiles(run, x: jax.Array, in_tile: tuple[int, int], in_stride: tuple
     h, w = x.shape[2:4]
     out_tile = (round(in_tile[0] * out_scale), round(in_tile[1] * out_scale))
     out_stride = (round(in_stride[0] * out_scale), round(in_stride[1] * out_scale))
-    blend = (out_tile[0] - out_stride[0], out_tile[1] - out_stride[1])
-    rows, above = [], None
-    for i in range(0, h, in_stride[0]):
-        done = []
-        for jj, j in enumerate(range(0, w, in_stride[1])):
-            tile = run(x[:, :, i : i + in_tile[0], j : j + in_tile[1]])
-            if above is not None:
-                tile = _blend(above[jj], tile, blend[0], axis=2)
-            if done:
-                tile = _blend(done[-1], tile, blend[1], axis=3)
-            done.append(tile)
-        rows.append(jnp.concatenate([t[:, :, : out_stride[0], : out_stride[1]] for t in done], axis=3))
-        above = done
-    return jnp.concatenate(rows, axis=2)[:, :, : round(h * out_scale), : round(w * out_scale)]
+    overlap = (out_tile[0] - out_stride[0], out_tile[1] - out_stride[1])
+    out_hw = (round(h * out_scale), round(w * out_scale))
+    return tiled_2d(run, x, in_tile, in_stride, overlap, out_stride, out_hw)
 
 
 def _temporal_tiles(run, x: jax.Array, in_tile: int, in_stride: int, out_tile: int, out_stride: int, out_len: int):
@@ -530,7 +490,7 @@ def _temporal_tiles(run, x: jax.Array, in_tile: int, in_stride: int, out_tile: i
         if prev is None:
             parts.append(tile[:, : out_stride + 1])
         else:
-            tile = _blend(prev, tile[:, 1:], out_tile - out_stride, axis=1)
+            tile = blend(prev, tile[:, 1:], out_tile - out_stride, axis=1)
             parts.append(tile[:, :out_stride])
         prev = tile
     return jnp.concatenate(parts, axis=1)[:, :out_len]
@@ -690,13 +650,4 @@ def load(path: str | os.PathLike, *, dtype=None) -> HunyuanVAE:
     Raises:
         ValueError: When the directory holds another model or its arrays do not match the config.
     """
-    from convert_weights.common import fill_module, read_checkpoint, read_manifest
-
-    manifest = read_manifest(path)
-    if manifest.get("model") != MODEL:
-        raise ValueError(f"{path} holds a {manifest.get('model')!r} checkpoint, not {MODEL!r}")
-    config = HunyuanVAEConfig.from_dict(manifest["config"])
-    arrays = read_checkpoint(path)
-    dt = jnp.dtype(dtype) if dtype is not None else jnp.dtype(next(iter(arrays.values())).dtype)
-    abstract = nnx.eval_shape(lambda: HunyuanVAE(config, rngs=nnx.Rngs(0), dtype=dt, param_dtype=dt))
-    return fill_module(abstract, arrays, where=str(path))
+    return load_converted(path, model=MODEL, config_cls=HunyuanVAEConfig, module_cls=HunyuanVAE, dtype=dtype)

@@ -40,6 +40,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.vae import common
+from models.vae.common import chunked, load_converted, tiled_2d, to_first, to_last
+
 MODEL = "mochi_vae"
 
 # Per-channel statistics of Mochi 1's latent space (genmo/mochi-1-preview vae config = diffusers defaults).
@@ -65,7 +68,7 @@ Cache = Any  # nested tuples of [B, kt - 1, H, W, C] arrays (None where a conv k
 
 
 @dataclasses.dataclass(frozen=True)
-class MochiVAEConfig:
+class MochiVAEConfig(common.DictConfig):
     """Architecture and latent statistics of a Mochi VAE (the fields of diffusers ``AutoencoderKLMochi``).
 
     Attributes:
@@ -169,15 +172,6 @@ class MochiVAEConfig:
         """Frames per latent frame after the first."""
         return math.prod(self.temporal_expansions)
 
-    def to_dict(self) -> dict:
-        """JSON-ready fields (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> MochiVAEConfig:
-        """Inverse of ``to_dict``; unknown keys are an error."""
-        return cls(**d)
-
 
 MOCHI_VAE = MochiVAEConfig()
 """Mochi 1 (preview) VAE: genmo ``encoder.safetensors`` + ``decoder.safetensors`` / diffusers ``vae`` folder."""
@@ -185,20 +179,12 @@ MOCHI_VAE = MochiVAEConfig()
 
 def latent_frames(frames: int, config: MochiVAEConfig = MOCHI_VAE) -> int:
     """Latent frames for ``frames`` video frames, which must be ``6k + 1`` (``temporal_factor * k + 1``)."""
-    f = config.temporal_factor
-    if not isinstance(frames, int) or frames < 1 or (frames - 1) % f:
-        raise ValueError(
-            f"frames must be {f}k + 1 (1, {f + 1}, {2 * f + 1}, ..., e.g. 163 for Mochi 1), got {frames}; "
-            f"round to {f * max(0, round((frames - 1) / f)) + 1}"
-        )
-    return (frames - 1) // f + 1
+    return common.latent_frames(frames, config.temporal_factor)
 
 
 def frames_for_latents(latent_frames: int, config: MochiVAEConfig = MOCHI_VAE) -> int:
     """Video frames decoded from ``latent_frames`` latent frames: ``6 (F - 1) + 1``."""
-    if not isinstance(latent_frames, int) or latent_frames < 1:
-        raise ValueError(f"latent_frames must be a positive int, got {latent_frames!r}")
-    return config.temporal_factor * (latent_frames - 1) + 1
+    return common.frames_for_latents(latent_frames, config.temporal_factor)
 
 
 def _stats(config: MochiVAEConfig, shape: tuple[int, ...], dtype) -> tuple[jax.Array, jax.Array]:
@@ -494,23 +480,6 @@ class Decoder(nnx.Module):
         return self.proj_out(jax.nn.silu(x)), (c_in, tuple(new_up), c_out)
 
 
-def _chunked(fn, first: jax.Array, rest: jax.Array | None) -> jax.Array:
-    """``fn(chunk, cache) -> (out, cache)`` on ``first`` (no cache), then scanned over ``rest`` [n, B, c, ...]
-    with the cache as carry; outputs concatenated along time."""
-    out, cache = fn(first, None)
-    if rest is None:
-        return out
-
-    def body(carry, chunk):
-        y, carry = fn(chunk, carry)
-        return carry, y
-
-    _, ys = jax.lax.scan(body, cache, rest)  # [n, B, c', ...]
-    ys = jnp.moveaxis(ys, 0, 1)
-    ys = ys.reshape(ys.shape[0], ys.shape[1] * ys.shape[2], *ys.shape[3:])
-    return jnp.concatenate([out, ys.astype(out.dtype)], axis=1)
-
-
 class MochiVAE(nnx.Module):
     """Mochi 1 VAE weights: ``encoder`` (None when ``config.with_encoder`` is False) and ``decoder``.
 
@@ -556,7 +525,7 @@ class MochiVAE(nnx.Module):
             n = (f - 1) // frames_per_chunk
             r = f - n * frames_per_chunk  # first chunk: 1..frames_per_chunk frames
             rest = jnp.moveaxis(z[:, r:].reshape(b, n, frames_per_chunk, h, w, c), 1, 0)
-            video = _chunked(self.decoder, z[:, :r], rest)
+            video = chunked(self.decoder, z[:, :r], rest)
         drop = cfg.temporal_factor - 1  # the release keeps 6(F - 1) + 1 frames
         return video[:, drop:] if video.shape[1] >= cfg.temporal_factor else video
 
@@ -625,53 +594,8 @@ class MochiTiling:
                 raise ValueError(f"MochiTiling needs 0 < stride_{d} <= min_{d}, got {st} and {lo}")
 
 
-def _blend(a: jax.Array, b: jax.Array, extent: int, axis: int) -> jax.Array:
-    """``b`` with its first ``extent`` rows along ``axis`` faded in from the last ``extent`` rows of ``a``."""
-    extent = min(a.shape[axis], b.shape[axis], extent)
-    if extent <= 0:
-        return b
-    wshape = [1] * b.ndim
-    wshape[axis] = extent
-    wt = (jnp.arange(extent, dtype=jnp.float32) / extent).reshape(wshape).astype(b.dtype)
-    head = jax.lax.slice_in_dim(a, a.shape[axis] - extent, a.shape[axis], axis=axis) * (1 - wt)
-    head = head + jax.lax.slice_in_dim(b, 0, extent, axis=axis) * wt
-    return jnp.concatenate([head, jax.lax.slice_in_dim(b, extent, b.shape[axis], axis=axis)], axis=axis)
-
-
-def _tiled(fn, x: jax.Array, tile, stride, blend, keep, out_hw) -> jax.Array:
-    """Runs ``fn`` on overlapping [B, T, tile_h, tile_w, C] windows of channels-last ``x`` (one every ``stride``
-    rows / columns), blends each output with its upper and left neighbours over ``blend`` output rows / columns
-    (the neighbours already blended, as diffusers does in place), keeps the first ``keep`` output rows / columns
-    of each and crops the assembled result to ``out_hw``. Pairs are (height, width)."""
-    h, w = x.shape[2], x.shape[3]
-    if min(stride) < 1:
-        raise ValueError(f"tile strides must be at least one latent pixel (8 video pixels), got {stride}")
-    rows = []
-    for i in range(0, h, stride[0]):
-        rows.append([fn(x[:, :, i : i + tile[0], j : j + tile[1]]) for j in range(0, w, stride[1])])
-    out_rows = []
-    for i, row in enumerate(rows):
-        for j in range(len(row)):
-            t = row[j]
-            if i > 0:
-                t = _blend(rows[i - 1][j], t, blend[0], axis=2)
-            if j > 0:
-                t = _blend(row[j - 1], t, blend[1], axis=3)
-            row[j] = t
-        out_rows.append(jnp.concatenate([t[:, :, : keep[0], : keep[1]] for t in row], axis=3))
-    return jnp.concatenate(out_rows, axis=2)[:, :, : out_hw[0], : out_hw[1]]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Jitted entry points (diffusers layout [B, C, F, H, W] unless channels_last).
-
-
-def _to_last(x: jax.Array) -> jax.Array:
-    return jnp.moveaxis(x, 1, -1)  # [B, C, T, H, W] -> [B, T, H, W, C]
-
-
-def _to_first(x: jax.Array) -> jax.Array:
-    return jnp.moveaxis(x, -1, 1)
 
 
 @jax.jit(static_argnames=("graphdef", "frames_per_chunk"))
@@ -717,7 +641,7 @@ def decode(
     if latents.ndim != 5 or latents.shape[axis] != cfg.latent_channels:
         layout = "[B, F, h, w, C]" if channels_last else "[B, C, F, h, w]"
         raise ValueError(f"latents must be {layout} with C = {cfg.latent_channels}, got {latents.shape=}")
-    z = latents if channels_last else _to_last(latents)
+    z = latents if channels_last else to_last(latents)
     if unnormalize:
         z = unnormalize_latents(z, cfg, channel_axis=-1)
     graphdef, state = nnx.split(vae)
@@ -725,7 +649,7 @@ def decode(
     f = cfg.spatial_factor
     h, w = z.shape[2], z.shape[3]
     if tiling is not None and (w > tiling.min_width // f or h > tiling.min_height // f):
-        video = _tiled(
+        video = tiled_2d(
             run,
             z,
             (tiling.min_height // f, tiling.min_width // f),
@@ -738,7 +662,7 @@ def decode(
         video = run(z)
     if clip:
         video = jnp.clip(video, -1.0, 1.0)
-    return video if channels_last else _to_first(video)
+    return video if channels_last else to_first(video)
 
 
 def encode_moments(
@@ -761,7 +685,7 @@ def encode_moments(
     if video.ndim != 5 or video.shape[axis] != cfg.video_channels:
         layout = "[B, T, H, W, C]" if channels_last else "[B, C, T, H, W]"
         raise ValueError(f"video must be {layout} with C = {cfg.video_channels}, got {video.shape=}")
-    x = video if channels_last else _to_last(video)
+    x = video if channels_last else to_last(video)
     latent_frames(x.shape[1], cfg)
     f = cfg.spatial_factor
     h, w = x.shape[2], x.shape[3]
@@ -777,12 +701,12 @@ def encode_moments(
         tile_stride = (tiling.stride_height // f, tiling.stride_width // f)
         blend = (tile_min[0] - tile_stride[0], tile_min[1] - tile_stride[1])
         tiles, strides = (tiling.min_height, tiling.min_width), (tiling.stride_height, tiling.stride_width)
-        moments = _tiled(run, x, tiles, strides, blend, tile_stride, (h // f, w // f))
+        moments = tiled_2d(run, x, tiles, strides, blend, tile_stride, (h // f, w // f))
     else:
         moments = run(x)
     mean, logvar = jnp.split(moments, 2, axis=-1)
     if not channels_last:
-        mean, logvar = _to_first(mean), _to_first(logvar)
+        mean, logvar = to_first(mean), to_first(logvar)
     return mean, logvar
 
 
@@ -827,13 +751,4 @@ def load(path: str | os.PathLike, *, dtype=None) -> MochiVAE:
     Raises:
         ValueError: When the directory holds another model or its arrays do not match the config.
     """
-    from convert_weights.common import fill_module, read_checkpoint, read_manifest
-
-    manifest = read_manifest(path)
-    if manifest.get("model") != MODEL:
-        raise ValueError(f"{path} holds a {manifest.get('model')!r} checkpoint, not {MODEL!r}")
-    config = MochiVAEConfig.from_dict(manifest["config"])
-    arrays = read_checkpoint(path)
-    dt = jnp.dtype(dtype) if dtype is not None else jnp.dtype(next(iter(arrays.values())).dtype)
-    abstract = nnx.eval_shape(lambda: MochiVAE(config, rngs=nnx.Rngs(0), dtype=dt, param_dtype=dt))
-    return fill_module(abstract, arrays, where=str(path))
+    return load_converted(path, model=MODEL, config_cls=MochiVAEConfig, module_cls=MochiVAE, dtype=dtype)

@@ -27,6 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.vae import common
+from models.vae.common import chunked, load_converted, to_first, to_last
+
 # Per-channel statistics of the Wan2.1 latent space (diffusers AutoencoderKLWan defaults / Wan2.1 release).
 WAN21_LATENTS_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -41,7 +44,7 @@ Cache = Any  # nested tuples of [B, T_cache, H, W, C] arrays (None where a layer
 
 
 @dataclasses.dataclass(frozen=True)
-class WanVAEConfig:
+class WanVAEConfig(common.DictConfig):
     """Architecture and latent statistics of a Wan2.1 VAE (diffusers ``AutoencoderKLWan`` fields).
 
     Attributes:
@@ -108,18 +111,7 @@ class WanVAEConfig:
 
     def latent_frames(self, frames: int) -> int:
         """Latent frames for ``frames`` video frames (which must be ``temporal_factor * k + 1``)."""
-        if frames < 1 or (frames - 1) % self.temporal_factor:
-            raise ValueError(f"frames must be {self.temporal_factor}k + 1, got {frames}")
-        return (frames - 1) // self.temporal_factor + 1
-
-    def to_dict(self) -> dict:
-        """JSON-ready fields (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> WanVAEConfig:
-        """Inverse of ``to_dict``; unknown keys are an error."""
-        return cls(**d)
+        return common.latent_frames(frames, self.temporal_factor)
 
 
 WAN21_VAE = WanVAEConfig()
@@ -409,31 +401,6 @@ class Decoder(nnx.Module):
         return x, (c_in, c_mid, c_up, c_out)
 
 
-def _chunked(fn, first: jax.Array, rest: jax.Array | None) -> jax.Array:
-    """Runs ``fn(chunk, cache) -> (out, cache)`` on ``first`` (empty caches), then scans it over ``rest``.
-
-    Args:
-        fn: The chunk function.
-        first: [B, T0, ...] first chunk.
-        rest: [n, B, Tc, ...] further chunks, or None.
-
-    Returns:
-        The outputs concatenated along time, [B, T_out, ...].
-    """
-    out, cache = fn(first, None)
-    if rest is None:
-        return out
-
-    def body(carry, chunk):
-        y, carry = fn(chunk, carry)
-        return carry, y
-
-    _, ys = jax.lax.scan(body, cache, rest)  # [n, B, Tc', ...]
-    ys = jnp.moveaxis(ys, 0, 1)
-    ys = ys.reshape(ys.shape[0], ys.shape[1] * ys.shape[2], *ys.shape[3:])
-    return jnp.concatenate([out, ys.astype(out.dtype)], axis=1)
-
-
 class WanVAE(nnx.Module):
     """Wan2.1 VAE: encoder, quant convs and decoder; weights only (use the module functions ``encode`` and
     ``decode`` to run it under jit)."""
@@ -473,7 +440,7 @@ class WanVAE(nnx.Module):
             )
         n, tf = (t - 1) // cfg.temporal_factor, cfg.temporal_factor
         rest = None if n == 0 else jnp.moveaxis(video[:, 1:].reshape(b, n, tf, h, w, c), 1, 0)  # [n, B, tf, H, W, C]
-        moments = self.quant_conv(_chunked(self.encoder, video[:, :1], rest))
+        moments = self.quant_conv(chunked(self.encoder, video[:, :1], rest))
         return moments[..., : cfg.z_dim], moments[..., cfg.z_dim :]
 
     def decode_raw(self, z: jax.Array) -> jax.Array:
@@ -490,7 +457,7 @@ class WanVAE(nnx.Module):
             raise ValueError(f"latents must be [B, F, h, w, {cfg.z_dim}], got {z.shape=}")
         x = self.post_quant_conv(z)
         rest = None if z.shape[1] == 1 else jnp.moveaxis(x[:, 1:, None], 1, 0)  # [F-1, B, 1, h, w, C]
-        return jnp.clip(_chunked(self.decoder, x[:, :1], rest), -1.0, 1.0)
+        return jnp.clip(chunked(self.decoder, x[:, :1], rest), -1.0, 1.0)
 
 
 def _stats(config: WanVAEConfig, ndim_before: int, dtype) -> tuple[jax.Array, jax.Array]:
@@ -512,35 +479,27 @@ def denormalize_latents(latents: jax.Array, config: WanVAEConfig) -> jax.Array:
     return latents * std + mean
 
 
-def _to_last(x: jax.Array) -> jax.Array:
-    return jnp.moveaxis(x, 1, -1)  # [B, C, T, H, W] -> [B, T, H, W, C]
-
-
-def _to_first(x: jax.Array) -> jax.Array:
-    return jnp.moveaxis(x, -1, 1)
-
-
 @jax.jit(static_argnames=("graphdef", "normalize", "channels_last", "sample"))
 def _encode_jit(graphdef, state, video, rng, *, normalize, channels_last, sample):
     vae = nnx.merge(graphdef, state)
-    x = video if channels_last else _to_last(video)
+    x = video if channels_last else to_last(video)
     mean, logvar = vae.encode_moments(x)
     z = mean
     if sample:
         z = mean + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * jax.random.normal(rng, mean.shape, mean.dtype)
     if normalize:
         z = normalize_latents(z, vae.config)
-    return z if channels_last else _to_first(z)
+    return z if channels_last else to_first(z)
 
 
 @jax.jit(static_argnames=("graphdef", "normalize", "channels_last"))
 def _decode_jit(graphdef, state, latents, *, normalize, channels_last):
     vae = nnx.merge(graphdef, state)
-    z = latents if channels_last else _to_last(latents)
+    z = latents if channels_last else to_last(latents)
     if normalize:
         z = denormalize_latents(z, vae.config)
     video = vae.decode_raw(z)
-    return video if channels_last else _to_first(video)
+    return video if channels_last else to_first(video)
 
 
 def encode(
@@ -610,13 +569,4 @@ def load(path: str | os.PathLike, *, dtype=None) -> WanVAE:
     Raises:
         ValueError: When the directory holds another model or its arrays do not match the config.
     """
-    from convert_weights.common import fill_module, read_checkpoint, read_manifest
-
-    manifest = read_manifest(path)
-    if manifest.get("model") != MODEL:
-        raise ValueError(f"{path} holds a {manifest.get('model')!r} checkpoint, not {MODEL!r}")
-    config = WanVAEConfig.from_dict(manifest["config"])
-    arrays = read_checkpoint(path)
-    dt = jnp.dtype(dtype) if dtype is not None else jnp.dtype(next(iter(arrays.values())).dtype)
-    abstract = nnx.eval_shape(lambda: WanVAE(config, rngs=nnx.Rngs(0), dtype=dt, param_dtype=dt))
-    return fill_module(abstract, arrays, where=str(path))
+    return load_converted(path, model=MODEL, config_cls=WanVAEConfig, module_cls=WanVAE, dtype=dtype)

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -53,17 +52,20 @@ from models.video_io import (
     UsageError,
     add_model_arguments,
     add_output_arguments,
+    attention_impl,
     check_grid,
     check_prompt_args,
     check_vae_dir,
     check_video_args,
     chipmunk_from_args,
+    exits_on_usage_error,
     numpy_random,
     optional_module,
+    output_dir,
     random_module,
     save_outputs,
-    to_uint8_frames,
-    write_videos,
+    vae_from_args,
+    write_decoded,
 )
 
 EMB_COND, EMB_UNCOND = "prompt_embeds", "negative_prompt_embeds"
@@ -311,18 +313,13 @@ def _load_vae(args, cfg):
     """The VAE of --vae, or a random one (tiny with --tiny) for --random-vae; None without either."""
     if not (args.vae or args.random_vae):
         return None
-    wan_vae = _vae_available()
-    if args.vae:
-        vae = wan_vae.load(args.vae)
-    else:
-        import jax.numpy as jnp
-        from flax import nnx
+    import jax.numpy as jnp
+    from flax import nnx
 
-        vcfg = wan_vae.WAN_VAE_TINY if args.tiny else wan_vae.WanVAEConfig()
-        vae = numpy_random(lambda: wan_vae.WanVAE(vcfg, rngs=nnx.Rngs(args.seed), dtype=jnp.float32), args.seed)
-    if vae.config.z_dim != cfg.out_channels:
-        raise UsageError(f"the VAE has {vae.config.z_dim} latent channels, the transformer {cfg.out_channels}")
-    return vae
+    wan_vae = _vae_available()
+    vcfg = wan_vae.WAN_VAE_TINY if args.tiny else wan_vae.WanVAEConfig()
+    make = lambda: wan_vae.WanVAE(vcfg, rngs=nnx.Rngs(args.seed), dtype=jnp.float32)  # noqa: E731
+    return vae_from_args(args, wan_vae.load, make, "z_dim", cfg.out_channels)
 
 
 def _load_clip(args, cfg):
@@ -365,30 +362,21 @@ def image_inputs(image, encoder, vae, *, frames: int, width: int, height: int):
     return tokens, condition
 
 
+@exits_on_usage_error
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
+    """Entry point; returns the exit status (2 for a command-line mistake, printed as ``error: ...``)."""
     args = build_parser().parse_args(argv)
-    try:
-        cfg, dtype, chipmunk, (width, height), emb = prepare(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg, dtype, chipmunk, (width, height), emb = prepare(args)
     import jax.numpy as jnp
 
     from convert_weights.wan import load
-    from models.flux.sampling import default_attention_impl
     from models.wan.sampling import default_shift, generate
 
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out_dir)
     if emb is None:
         emb = _prompt_embeddings(args, args.batch or 1)
     cond, uncond = emb
-    try:
-        vae = _load_vae(args, cfg)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    vae = _load_vae(args, cfg)
     image_tokens = condition = None
     if cfg.is_i2v:
         from PIL import Image
@@ -400,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"image {args.image} ({first.width}x{first.height}): {image_tokens.shape[1]} CLIP tokens")
     model = load(args.checkpoint, dtype=dtype) if args.checkpoint else random_model(cfg, dtype, args.seed)
-    impl = default_attention_impl(model.dtype) if args.attention_impl == "auto" else args.attention_impl
+    impl = attention_impl(args.attention_impl, model.dtype)
     shift = default_shift(height, width) if args.shift is None else args.shift
     gen = generate(
         model,
@@ -435,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from models.vae.wan_vae import decode
 
-    write_videos(to_uint8_frames(decode(vae, gen.latents)), out, fps=args.fps, png=args.png)
+    write_decoded(decode(vae, gen.latents), out, args)
     return 0
 
 

@@ -56,10 +56,13 @@ def _step_caching_only(skip) -> cj.ChipmunkConfig:
     )
 
 
-def _run(setup, chipmunk, **kw):
-    model, text, neg, noise = setup
+def _run(setup, chipmunk, *, model=None, **kw):
+    """The module's CFG generation at the test size on the setup's prompt embeddings; the setup's model and noise
+    unless ``model=`` / ``noise=`` are given."""
+    setup_model, text, neg, noise = setup
+    kw = {"noise": noise, **kw}
     return generate(
-        model,
+        setup_model if model is None else model,
         text,
         neg,
         frames=FRAMES,
@@ -69,7 +72,6 @@ def _run(setup, chipmunk, **kw):
         guidance=GUIDE,
         shift=SHIFT,
         chipmunk=chipmunk,
-        noise=noise,
         progress=False,
         **kw,
     )
@@ -318,19 +320,7 @@ def test_cli_checkpoint_and_embeddings_reproduce_generate(setup, tmp_path):
     argv = ["--checkpoint", str(tmp_path / "ckpt"), "--embeddings", str(tmp_path / "emb.npz"), *size, *common]
     assert main(argv) == 0
     got = np.load(tmp_path / "o" / "latents.npy")
-    want = generate(
-        model,
-        text,
-        neg,
-        frames=FRAMES,
-        height=HEIGHT,
-        width=WIDTH,
-        steps=STEPS,
-        guidance=GUIDE,
-        shift=SHIFT,
-        seed=3,
-        progress=False,
-    )
+    want = _run(setup, None, seed=3, noise=None)  # the seed's noise, as the CLI draws it
     np.testing.assert_array_equal(got, np.asarray(want.latents))
 
 
@@ -361,19 +351,7 @@ def test_generate_matches_diffusers_wan_pipeline(setup):
             latents=torch.tensor(noise),
             output_type="latent",
         ).frames
-    got = generate(
-        model,
-        text,
-        neg,
-        frames=FRAMES,
-        height=HEIGHT,
-        width=WIDTH,
-        steps=STEPS,
-        guidance=GUIDE,
-        shift=SHIFT,
-        noise=jnp.asarray(noise),
-        progress=False,
-    )
+    got = _run(setup, None, model=model, noise=jnp.asarray(noise))
     assert rel(got.latents, want.numpy()) <= 1e-5
 
 
