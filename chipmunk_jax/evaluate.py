@@ -15,7 +15,7 @@ Supported models (``--model``):
          by the pipeline's autoencoder. The preset runs as it is (it is tuned for full-size FLUX.1).
          ``--random-weights``: a tiny random transformer + autoencoder + prompt embeddings (no tokenizers;
          256x256 px by default, presets scaled like tiny's), for checks on a CPU (mostly compile time).
-Other models plug in through ``EvalModel`` (``sample(seed, chipmunk) -> EvalSample`` and ``adapt(config)``)
+Other models plug in through ``EvalModel`` (``sample(seed, chipmunk) -> EvalSample`` and ``adapt(config, scale=)``)
 and an entry in ``MODELS``.
 
 examples:
@@ -55,8 +55,8 @@ class EvalModel(Protocol):
     name: str
     steps: int
 
-    def adapt(self, config: ChipmunkConfig) -> ChipmunkConfig:
-        """The config as this model runs it (e.g. tile sizes scaled to its token count)."""
+    def adapt(self, config: ChipmunkConfig, *, scale: bool = True) -> ChipmunkConfig:
+        """The config as this model runs it: tile sizes scaled to its token count (``scale``), checks."""
         ...
 
     def sample(self, seed: int, chipmunk: ChipmunkConfig | None) -> Any:
@@ -75,10 +75,10 @@ class TinyEvalModel:
     backend: str = "auto"
     name: str = "tiny"
 
-    def adapt(self, config: ChipmunkConfig) -> ChipmunkConfig:
+    def adapt(self, config: ChipmunkConfig, *, scale: bool = True) -> ChipmunkConfig:
         from models.tiny.sampling import tiny_preset
 
-        return tiny_preset(config)
+        return tiny_preset(config) if scale else config
 
     def sample(self, seed: int, chipmunk: ChipmunkConfig | None):
         from models.tiny.sampling import sample_trajectory
@@ -208,12 +208,12 @@ class FluxEvalModel:
             raise ValueError(f"batch_size must be >= 1 (or None for one batch), got {self.batch_size}")
         check_size(self.width, self.height, patchify_on=False)  # dense: multiples of 16 px
 
-    def adapt(self, config: ChipmunkConfig) -> ChipmunkConfig:
-        """The config unchanged (tile sizes scaled for the tiny random model); checks the image size against its
-        patchify chunk (ValueError naming the nearest valid sizes)."""
+    def adapt(self, config: ChipmunkConfig, *, scale: bool = True) -> ChipmunkConfig:
+        """The config unchanged (tile sizes scaled for the tiny random model when ``scale``); checks the image size
+        against its patchify chunk (ValueError naming the nearest valid sizes)."""
         from models.flux.sampling import check_size
 
-        if self.scale_tiles:
+        if self.scale_tiles and scale:
             from models.tiny.sampling import tiny_preset
 
             config = tiny_preset(config)
@@ -605,12 +605,20 @@ def base_config(args: argparse.Namespace) -> ChipmunkConfig:
     return load_config(args.config, base="flux") if args.config else preset(args.preset)
 
 
+def run_config(args: argparse.Namespace, em: EvalModel) -> ChipmunkConfig:
+    """The config ``em`` runs: ``--preset`` adapted to the model, or ``--config`` applied on top of the adapted
+    Flux preset, so that values the YAML sets (tile sizes included) win over the model's scaling."""
+    if args.config:
+        return em.adapt(load_config(args.config, base=em.adapt(preset("flux"))), scale=False)
+    return em.adapt(preset(args.preset))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     em = MODELS[args.model](args)
-    base = em.adapt(base_config(args))
+    base = run_config(args, em)
     configs = [("preset" if not args.config else os.path.basename(args.config), base)]
     if args.sweep_top_keys:
         configs = [
