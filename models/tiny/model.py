@@ -80,14 +80,21 @@ def token_grid(size: int = IMAGE_SIZE) -> tuple[int, int]:
 
 
 def conditioning(labels: np.ndarray | jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Fixed class embeddings: (txt [B, 2, CONTEXT_DIM], y [B, NUM_CLASSES]) float32 from labels [B]."""
+    """Fixed class embeddings: (txt [B, 2, CONTEXT_DIM], y [B, NUM_CLASSES]) float32 from labels [B].
+
+    A negative label is the null condition (all zeros), which training with ``p_uncond`` > 0 teaches the
+    model as "any class" (for classifier-free guidance).
+    """
     labels = jnp.asarray(labels, jnp.int32)
     n_col = len(dataset.COLOURS)
-    shape, colour = labels // n_col, labels % n_col
+    valid = labels >= 0
+    cls = jnp.where(valid, labels, 0)
+    shape, colour = cls // n_col, cls % n_col
     t_shape = jax.nn.one_hot(shape, CONTEXT_DIM, dtype=jnp.float32)
     t_colour = jax.nn.one_hot(len(dataset.SHAPES) + colour, CONTEXT_DIM, dtype=jnp.float32)
-    y = jax.nn.one_hot(labels, dataset.NUM_CLASSES, dtype=jnp.float32)
-    return jnp.stack([t_shape, t_colour], axis=1), y
+    y = jax.nn.one_hot(cls, dataset.NUM_CLASSES, dtype=jnp.float32)
+    keep = valid.astype(jnp.float32)
+    return jnp.stack([t_shape, t_colour], axis=1) * keep[:, None, None], y * keep[:, None]
 
 
 def image_to_tokens(images: jax.Array) -> jax.Array:

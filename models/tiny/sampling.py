@@ -18,17 +18,21 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from chipmunk_jax.config import ChipmunkConfig, preset
 from chipmunk_jax.sampler import Report
-from models.flux.model import Flux
+from models.flux.model import Flux, position_ids, rope_table
 from models.flux.sampling import (
     PIXELS_PER_TOKEN,
+    flux_sigmas,
     generate,
+    pack_noise,
     unpack_latents,
 )
-from models.tiny.model import IMAGE_SIZE, conditioning, latent_to_image, token_grid
+from models.tiny.model import IMAGE_SIZE, TXT_LEN, conditioning, latent_to_image, token_grid
 
 
 def tiny_preset(base: ChipmunkConfig | None = None) -> ChipmunkConfig:
@@ -136,3 +140,38 @@ def sample_trajectory(
         trajectory=True,
     )
     return Trajectory(images=tokens_to_images(gen.tokens, image_size), latents=gen.trajectory, report=gen.report)
+
+
+def guided_images(model: Flux, labels, scales, *, steps: int = 50, seed: int = 0) -> dict[float, np.ndarray]:
+    """Dense Euler samples with classifier-free guidance, {scale: images float32 [B, 64, 64, 3] in [0, 1]}.
+
+    For models trained with ``TrainConfig.p_uncond`` > 0 (label dropout), which know the null condition (label
+    -1). The noise and sigmas are those of ``generate_images(model, labels, steps=steps, seed=seed)``, so scale 1
+    gives its images (up to float rounding); other scales mix the conditional and the null-condition velocity,
+    v = v_null + scale * (v_cond - v_null), at twice the model calls. Dense only: the Flux sampler (and so
+    Chipmunk) runs FLUX.1's embedded guidance, not classifier-free guidance.
+    """
+    h, w = token_grid(IMAGE_SIZE)
+    cfg = model.cfg
+    rope = rope_table(position_ids(TXT_LEN, h, w), cfg.axes_dim, cfg.theta)
+    labels = np.asarray(labels)
+    b = len(labels)
+    x0 = pack_noise(jax.random.fold_in(jax.random.key(seed), 0), b, h, w, cfg.in_channels)
+    sig = jnp.asarray(flux_sigmas(steps, h * w, dynamic_shift=False), jnp.float32)
+    txt_c, y_c = conditioning(labels)
+    txt_u, y_u = conditioning(-np.ones_like(labels))
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def run(params, x, scale):
+        m = nnx.merge(graphdef, params)
+
+        def body(i, x):
+            t = jnp.full((b,), sig[i])
+            vc, _ = m(x, txt_c, y_c, t, None, rope)
+            vu, _ = m(x, txt_u, y_u, t, None, rope)
+            return x + (sig[i + 1] - sig[i]) * (vu + scale * (vc - vu))
+
+        return jax.lax.fori_loop(0, steps, body, x)
+
+    return {float(s): tokens_to_images(run(params, x0, jnp.float32(s))) for s in scales}

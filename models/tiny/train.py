@@ -8,13 +8,16 @@ saved (float16 safetensors + config.json).
 
 The defaults are the recipe of the shipped checkpoint (width 192, 5.1M parameters, 8000 steps of 64 images):
 about 3 minutes on one H200 with --data-workers 14, but many hours on a laptop CPU. On 2 CPU cores, 20 minutes
-of the small recipe below gives a model that gets colours and backgrounds right but few shapes.
+of the small recipe below (about 32k images) gives a model that gets colours and backgrounds right and, sampled
+with classifier-free guidance (models.tiny.sampling.guided_images, scale 4.5), about half the shapes; see
+docs/DEMO.md for the measurements.
 
 examples:
   # the shipped checkpoint (on a GPU host; same data whatever the worker count):
   python -m models.tiny.train --data-workers 14 --out out/tiny-ckpt
-  # 20 minutes on a CPU (width 96, 1.3M parameters, batch 8):
-  python -m models.tiny.train --hidden 96 --batch 8 --max-steps 100000 --budget-minutes 20 --out out/tiny-cpu
+  # 20 minutes on a CPU (width 96, 1.3M parameters, batch 8; 10% null-condition images for guidance):
+  python -m models.tiny.train --hidden 96 --batch 8 --lr 2e-3 --p-uncond 0.1 --max-steps 100000 \\
+      --budget-minutes 20 --out out/tiny-cpu20
   # a quick smoke run:
   python -m models.tiny.train --out /tmp/tiny-ckpt --max-steps 20 --batch 8
 """
@@ -64,6 +67,11 @@ class TrainConfig:
       clip: global gradient-norm clip.
       ema: EMA decay (with the usual (1 + n) / (10 + n) ramp).
       seed: dataset, initialisation and noise seed.
+      p_uncond: share of the images trained with the null condition (label dropout for classifier-free
+        guidance; 0 trains the conditional model only).
+      token_keep: share of the image tokens the loss sees per step (a random subset, the same for the whole
+        batch, with their RoPE positions; MaskDiT-style token dropping). Attention cost falls with its square,
+        so 0.5 is about 2.4x the images per second on a CPU; sampling always runs on all tokens.
     """
 
     batch: int = 64
@@ -77,16 +85,37 @@ class TrainConfig:
     clip: float = 1.0
     ema: float = 0.998
     seed: int = 0
+    p_uncond: float = 0.0
+    token_keep: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.p_uncond < 1.0:
+            raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
+        if not 0.0 < self.token_keep <= 1.0:
+            raise ValueError(f"token_keep must be in (0, 1], got {self.token_keep}")
 
 
-def flow_matching_loss(model, tokens: jax.Array, labels: jax.Array, key: jax.Array, rope) -> jax.Array:
-    """Mean squared velocity error of rectified flow on clean tokens [B, N, C] with class labels [B]."""
-    b = tokens.shape[0]
-    k_t, k_n = jax.random.split(key)
+def flow_matching_loss(
+    model, tokens: jax.Array, labels: jax.Array, key: jax.Array, rope, p_uncond: float = 0.0, token_keep: float = 1.0
+) -> jax.Array:
+    """Mean squared velocity error of rectified flow on clean tokens [B, N, C] with class labels [B].
+
+    ``p_uncond``: share of the batch given the null condition. ``token_keep``: share of the N image tokens kept
+    (one random subset for the batch; ``rope`` rows follow, the TXT_LEN text rows first).
+    """
+    b, n = tokens.shape[:2]
+    k_t, k_n = jax.random.split(key)  # as before these options existed: the shipped recipe's draws are unchanged
+    k_u, k_d = jax.random.fold_in(key, 2), jax.random.fold_in(key, 3)
+    if token_keep < 1.0:
+        kept = jnp.sort(jax.random.permutation(k_d, n)[: max(1, round(n * token_keep))])
+        tokens = tokens[:, kept]
+        rope = tuple(jnp.concatenate([r[:TXT_LEN], r[TXT_LEN + kept]]) for r in rope)
     t = jax.nn.sigmoid(jax.random.normal(k_t, (b,), jnp.float32))
     noise = jax.random.normal(k_n, tokens.shape, jnp.float32)
     tb = t[:, None, None]
     xt = (1.0 - tb) * tokens + tb * noise
+    if p_uncond > 0.0:
+        labels = jnp.where(jax.random.uniform(k_u, (b,)) < p_uncond, -1, labels)
     txt, y = conditioning(labels)
     v, _ = model(xt, txt, y, t, None, rope)
     return jnp.mean(jnp.square(v.astype(jnp.float32) - (noise - tokens)))
@@ -119,7 +148,7 @@ def make_train_step(graphdef, tc: TrainConfig, rope):
 
     def train_step(params, ema, opt, tokens, labels, key, lr):
         def loss_fn(p):
-            return flow_matching_loss(nnx.merge(graphdef, p), tokens, labels, key, rope)
+            return flow_matching_loss(nnx.merge(graphdef, p), tokens, labels, key, rope, tc.p_uncond, tc.token_keep)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         params, opt, gnorm = _adam_update(tc, params, grads, opt, lr)
@@ -277,6 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=TrainConfig.batch)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument(
+        "--p-uncond",
+        type=float,
+        default=TrainConfig.p_uncond,
+        help="share of images trained with the null condition, for classifier-free guidance (e.g. 0.1)",
+    )
+    p.add_argument(
+        "--token-keep",
+        type=float,
+        default=TrainConfig.token_keep,
+        help="share of image tokens the loss sees per step (token dropping; 0.5 is ~2.4x faster on CPU)",
+    )
     p.add_argument("--hidden", type=int, default=192, help="model width (heads of 64 channels or one narrower)")
     p.add_argument("--depth-double", type=int, default=2)
     p.add_argument("--depth-single", type=int, default=4)
@@ -301,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.init:
         init, prior = load_checkpoint(args.init)
         cfg = init.cfg
-    tc = TrainConfig(batch=args.batch, lr=args.lr, seed=args.seed)
+    tc = TrainConfig(batch=args.batch, lr=args.lr, seed=args.seed, p_uncond=args.p_uncond, token_keep=args.token_keep)
     n_params = sum(v.size for v in jax.tree.leaves(nnx.state(init_model(cfg))))
     print(f"tiny Flux: {n_params / 1e6:.2f}M parameters, {cfg}", flush=True)
     command = "python -m models.tiny.train " + shlex.join(argv if argv is not None else sys.argv[1:])

@@ -131,8 +131,14 @@ def test_evaluate_config_yaml_and_unknown_key(tmp_path):
     yml = tmp_path / "c.yml"
     yml.write_text("attn:\n  top_keys: 0.4\n")
     em = evaluate.TinyEvalModel(_random_tiny(), np.array([0]), steps=3)
-    cfg = em.adapt(evaluate.load_config(yml, base="flux"))
-    assert cfg.attn.top_keys == 0.4 and cfg.attn.mbm == 16 and cfg.mlp.bm == 64
+    args = evaluate.build_parser().parse_args(["--config", str(yml)])
+    cfg = evaluate.run_config(args, em)
+    assert cfg.attn.top_keys == 0.4 and cfg.attn.mbm == 16 and cfg.mlp.bm == 64  # tile sizes scaled to the model
+    # Tile sizes the YAML sets are kept (they used to be overwritten by the tiny model's scaling).
+    yml.write_text("attn:\n  top_keys: 0.4\n  mbm: 64\nmlp:\n  bm: 16\n")
+    cfg = evaluate.run_config(args, em)
+    assert (cfg.attn.top_keys, cfg.attn.mbm, cfg.mlp.bm, cfg.attn.counts_multiple_of) == (0.4, 64, 16, 16)
+    assert evaluate.run_config(evaluate.build_parser().parse_args([]), em) == ts.tiny_preset()
     yml.write_text("attn:\n  top_key: 0.4\n")
     with pytest.raises(ValueError, match="top_keys"):
         evaluate.main(["--random-weights", "--config", str(yml), "--out-dir", str(tmp_path / "x")])
@@ -172,3 +178,54 @@ def test_tiny_preset_only_changes_tile_sizes():
         if getattr(getattr(base, sec), f.name) != getattr(getattr(tiny, sec), f.name)
     }
     assert changed == {("attn", "counts_multiple_of"), ("attn", "mbm"), ("mlp", "bm"), ("mlp", "counts_multiple_of")}
+
+
+def test_negative_label_is_the_null_condition():
+    txt, y = tm.conditioning(np.array([-1, 6]))
+    assert txt.shape == (2, tm.TXT_LEN, tm.CONTEXT_DIM) and y.shape == (2, dataset.NUM_CLASSES)
+    assert not np.asarray(txt[0]).any() and not np.asarray(y[0]).any()
+    # Class 6 = square (1) in blue (2): shape token one-hot at 1, colour token at 3 + 2, y one-hot at 6.
+    assert (
+        np.asarray(txt[1, 0]).argmax() == 1 and np.asarray(txt[1, 1]).argmax() == 5 and np.asarray(y[1]).argmax() == 6
+    )
+    assert np.asarray(txt[1]).sum() == 2 and np.asarray(y[1]).sum() == 1
+
+
+def test_token_dropping_keeps_tokens_and_rope_rows_aligned():
+    n, c, scale = 256, 48, 1000.0
+    tokens = jnp.broadcast_to(scale * jnp.arange(n, dtype=jnp.float32)[None, :, None], (2, n, c))
+    h, w = tm.token_grid()
+    cos, sin = rope_table(position_ids(tm.TXT_LEN, h, w), (4, 14, 14), 10000)
+    seen = {}
+
+    def model(xt, txt, y, t, guidance, rope):
+        seen.update(xt=xt, txt=txt, t=t, rope=rope)
+        return jnp.zeros_like(xt), None
+
+    labels = jnp.array([3, 4])
+    loss = tt.flow_matching_loss(model, tokens, labels, jax.random.key(1), (cos, sin), 0.0, 0.25)
+    assert seen["xt"].shape == (2, 64, c) and np.isfinite(float(loss))
+    # Which image token each kept one is: x_t = (1 - t) x_0 + t eps with x_0 = 1000 * index.
+    t = np.asarray(seen["t"])[:, None, None]
+    index = np.rint((np.asarray(seen["xt"]) / ((1.0 - t) * scale)).mean(axis=(0, 2))).astype(int)
+    assert len(set(index.tolist())) == 64 and (np.diff(index) > 0).all() and index.max() < n
+    rc, rs = (np.asarray(a) for a in seen["rope"])
+    np.testing.assert_array_equal(rc[: tm.TXT_LEN], np.asarray(cos)[: tm.TXT_LEN])
+    np.testing.assert_array_equal(rc[tm.TXT_LEN :], np.asarray(cos)[tm.TXT_LEN + index])
+    np.testing.assert_array_equal(rs[tm.TXT_LEN :], np.asarray(sin)[tm.TXT_LEN + index])
+    # Label dropout: with p_uncond close to 1 every row gets the null condition.
+    tt.flow_matching_loss(model, tokens, labels, jax.random.key(1), (cos, sin), 0.999, 1.0)
+    assert seen["xt"].shape == (2, n, c) and not np.asarray(seen["txt"]).any()
+    with pytest.raises(ValueError, match="token_keep"):
+        tt.TrainConfig(token_keep=0.0)
+    with pytest.raises(ValueError, match="p_uncond"):
+        tt.TrainConfig(p_uncond=1.0)
+
+
+def test_guided_sampling_at_scale_one_is_generate():
+    model, labels = _random_tiny(), np.array([0, 5, 11])
+    imgs, _ = ts.generate_images(model, labels, steps=3, seed=4)
+    guided = ts.guided_images(model, labels, [1.0, 3.0], steps=3, seed=4)
+    assert guided[1.0].shape == (3, 64, 64, 3)
+    np.testing.assert_allclose(guided[1.0], imgs, atol=2e-5)
+    assert np.abs(guided[3.0] - imgs).max() > 1e-2  # the null condition changes the velocity
