@@ -1,10 +1,10 @@
 """Training-recipe search for the tiny demo model: train each recipe, sample it, score recognisable classes.
 
 For every recipe this trains the tiny class-conditioned Flux with ``models.tiny.train.train`` (the same code as
-``python -m models.tiny.train``), samples the 12 classes x 8 seeds with 50 Euler steps and prints one JSON line:
-loss, steps done, time, and for each classifier-free guidance scale of the recipe the share of samples whose
-shape and colour read back from the pixels (``models.tiny.dataset.recognition_rate``). The dataset is drawn
-once into pools (one per image size) by --workers processes (float16, indices wrapping around past --pool
+``python -m models.tiny.train``), samples the 12 classes x 8 seeds with 50 Euler steps (--sample-steps) and prints
+one JSON line: loss, steps done, time, and for each classifier-free guidance scale of the recipe the share of
+samples whose shape and colour read back from the pixels (``models.tiny.dataset.recognition_rate``). The dataset
+is drawn once into pools (one per image size) by --workers processes (float16, indices wrapping around past --pool
 images), so a GPU is not starved; with a pool at least steps x batch large the batches are exactly those of the
 training CLI.
 
@@ -158,15 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-minutes", type=float, default=20.0, help="training time --throughput fits steps into")
     p.add_argument("--score", default=None, metavar="CKPT", help="only score this checkpoint directory (no training)")
     p.add_argument("--scales", default="1", help="with --score: comma-separated guidance scales")
+    p.add_argument("--sample-steps", type=int, default=50, help="Euler steps of the scored samples")
     return p
 
 
-def score(ckpt: str, scales: list[float], samples_per_class: int = 8) -> dict:
-    """Recognition rates of a trained checkpoint's samples (12 classes x samples_per_class, 50 Euler steps)."""
+def score(ckpt: str, scales: list[float], samples_per_class: int = 8, steps: int = 50) -> dict:
+    """Recognition rates of a trained checkpoint's samples (12 classes x samples_per_class, ``steps`` Euler steps)."""
     model, meta = tm.load_checkpoint(ckpt)
     want = np.tile(np.arange(dataset.NUM_CLASSES), samples_per_class)
     row = {"ckpt": ckpt, "command": meta.get("command"), "steps": meta.get("steps")}
-    for s, imgs in ts.guided_images(model, want, scales, steps=50, seed=1).items():
+    for s, imgs in ts.guided_images(model, want, scales, steps=steps, seed=1).items():
         rate = dataset.recognition_rate(imgs, want)
         row[f"class@{s:g}"] = round(float(rate["class"]), 3)
         row[f"shape@{s:g}"] = round(float(rate["shape"]), 3)
@@ -176,7 +177,8 @@ def score(ckpt: str, scales: list[float], samples_per_class: int = 8) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.score:
-        print(json.dumps(score(args.score, [float(x) for x in args.scales.split(",")])), flush=True)
+        scales = [float(x) for x in args.scales.split(",")]
+        print(json.dumps(score(args.score, scales, steps=args.sample_steps)), flush=True)
         return 0
     recipes = json.loads(args.recipes) if args.recipes else RECIPE_SETS[args.set]
     for r in recipes:
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             train_s = time.perf_counter() - t
             want = np.tile(np.arange(dataset.NUM_CLASSES), samples_per_class)
             scales = r.get("scales", [1])
-            images = ts.guided_images(model, want, scales, steps=50, seed=1)
+            images = ts.guided_images(model, want, scales, steps=args.sample_steps, seed=1)
             n_params = sum(v.size for v in jax.tree.leaves(nnx.state(model)))
             row = dict(r, params=int(n_params), train_s=round(train_s, 1), steps_done=steps)
             row["loss"] = round(float(np.mean(losses[-200:])), 5)
